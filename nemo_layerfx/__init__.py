@@ -1,0 +1,28 @@
+"""nemo_layerfx: cheaper Conformer ASR training in NeMo by exploiting how unequal its layers are.
+
+Importing the package registers it with NeMo (``_target_`` allow-list, adapter registry), so configs and
+``.nemo`` files that name ``nemo_layerfx.*`` classes build and restore.
+"""
+
+from nemo_layerfx.registration import register
+
+register()
+
+from nemo_layerfx.convert import convert_norm  # noqa: E402
+from nemo_layerfx.encoder import (  # noqa: E402
+    GroupNormConformerEncoder,
+    MaskedConformerConvolution,
+    MaskedGroupNorm,
+    stock_encoder_config,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupNormConformerEncoder",
+    "MaskedConformerConvolution",
+    "MaskedGroupNorm",
+    "convert_norm",
+    "register",
+    "stock_encoder_config",
+]

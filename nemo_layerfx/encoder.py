@@ -1,0 +1,261 @@
+"""GroupNorm Conformer encoder whose normalization ignores padded frames.
+
+NeMo's ``conv_norm_type: group_normG`` normalizes the conv module over the whole padded time axis, so an
+utterance's encoding depends on how much padding its batch has (0.3-0.7 abs drift at 200-600 padded frames).
+Here the GroupNorm statistics come from valid frames only, and padded frames leave the norm as zeros.
+
+Shape notation: B batch, T frames (after subsampling), D d_model, C conv channels, G groups, H heads, d_k = D / H.
+
+The module keeps NeMo's parameter names and shapes (``layers.i.conv.batch_norm.{weight,bias}`` is the GroupNorm),
+so a checkpoint trained with NeMo's ``group_normG`` loads with ``strict=True`` and ours loads into stock NeMo by
+swapping ``_target_`` back to ``nemo.collections.asr.modules.ConformerEncoder``.
+
+Per-layer widths (``ff_hidden``, ``layer_n_heads``, ``conv_channels``) let one config describe the smaller
+dense models that federated dropout, pruning and low-rank training produce; ``d_model`` is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nemo.collections.asr.modules.conformer_encoder import ConformerEncoder, ConformerEncoderAdapter
+from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D
+from nemo.collections.asr.parts.submodules.conformer_modules import ConformerFeedForward
+from nemo.collections.asr.parts.submodules.multi_head_attention import MultiHeadAttention
+from nemo.collections.asr.parts.utils.activations import Swish
+
+STOCK_ENCODER_TARGET = "nemo.collections.asr.modules.ConformerEncoder"
+ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
+# Keys our encoder adds to NeMo's signature; stock NeMo rejects them, so they are dropped when exporting.
+LAYERFX_ONLY_KEYS = ("ff_hidden", "layer_n_heads", "conv_channels")
+_GROUP_NORM = re.compile(r"^group_norm(\d+)$")
+
+
+def parse_num_groups(conv_norm_type: str) -> int:
+    """Read G from NeMo's ``group_norm<G>`` spelling; anything else is a config error."""
+    m = _GROUP_NORM.match(str(conv_norm_type))
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(
+            f"GroupNormConformerEncoder needs conv_norm_type='group_norm<G>' with G >= 1 (e.g. 'group_norm8'), "
+            f"got {conv_norm_type!r}. For batch_norm/layer_norm use {STOCK_ENCODER_TARGET}."
+        )
+    return int(m.group(1))
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm over (channels in group x valid frames); padded frames are excluded and come out as zeros."""
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, T); pad_mask: (B, T), True on padded frames. Returns (B, C, T)."""
+        if pad_mask is None:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        B, C, T = x.shape
+        valid = (~pad_mask).to(x.dtype).view(B, 1, 1, T)
+        xg = x.view(B, self.num_groups, C // self.num_groups, T)  # (B, G, C/G, T)
+        count = (valid.sum(dim=3, keepdim=True) * (C // self.num_groups)).clamp_min(1.0)  # (B, 1, 1, 1)
+        mean = (xg * valid).sum(dim=(2, 3), keepdim=True) / count  # (B, G, 1, 1)
+        centered = (xg - mean) * valid
+        var = centered.pow(2).sum(dim=(2, 3), keepdim=True) / count
+        y = (centered * torch.rsqrt(var + self.eps)).view(B, C, T)
+        if self.affine:
+            y = y * self.weight.view(1, C, 1) + self.bias.view(1, C, 1) * valid.view(B, 1, T)
+        return y
+
+
+class MaskedConformerConvolution(nn.Module):
+    """Conformer conv module (pointwise -> GLU -> depthwise -> masked GroupNorm -> Swish -> pointwise).
+
+    Same parameter names as NeMo's ``ConformerConvolution`` (the norm stays under ``batch_norm``), but with
+    ``channels`` inner channels (NeMo: always d_model) so slimmed models are expressible.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        kernel_size: int,
+        num_groups: int,
+        channels: int | None = None,
+        conv_context_size: Any = None,
+        use_bias: bool = True,
+    ):
+        super().__init__()
+        channels = d_model if channels is None else channels
+        if (kernel_size - 1) % 2 != 0:
+            raise ValueError(f"conv_kernel_size must be odd, got {kernel_size}")
+        if channels < 1 or channels % num_groups != 0:
+            raise ValueError(
+                f"conv_norm_type='group_norm{num_groups}': {num_groups} groups do not divide the {channels} conv "
+                f"channels; choose G dividing {channels}"
+            )
+        self.d_model, self.channels, self.kernel_size = d_model, channels, kernel_size
+        if conv_context_size is None:
+            conv_context_size = (kernel_size - 1) // 2
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * channels, kernel_size=1, bias=use_bias)
+        self.depthwise_conv = CausalConv1D(
+            channels, channels, kernel_size=kernel_size, stride=1, padding=conv_context_size, groups=channels,
+            bias=use_bias,
+        )
+        self.batch_norm = MaskedGroupNorm(num_groups=num_groups, num_channels=channels)  # NeMo's name, for ckpts
+        self.activation = Swish()
+        self.pointwise_conv2 = nn.Conv1d(channels, d_model, kernel_size=1, bias=use_bias)
+
+    @property
+    def norm(self) -> MaskedGroupNorm:
+        """The GroupNorm (NeMo calls the attribute ``batch_norm`` whatever the norm is)."""
+        return self.batch_norm
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """x: (B, T, D); pad_mask: (B, T), True on padding. Returns (B, T, D)."""
+        if cache is not None:
+            raise NotImplementedError(
+                "cache-aware streaming is not supported by GroupNormConformerEncoder: its GroupNorm statistics "
+                "span the whole utterance, which a streaming chunk cannot see. Use NeMo's ConformerEncoder with "
+                "conv_norm_type='layer_norm' for cache-aware streaming."
+            )
+        x = self.pointwise_conv1(x.transpose(1, 2))  # (B, 2C, T)
+        x = F.glu(x, dim=1)  # (B, C, T)
+        if pad_mask is not None:
+            x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
+        x = self.depthwise_conv(x)
+        x = self.batch_norm(x, pad_mask)
+        x = self.activation(x)
+        x = self.pointwise_conv2(x)  # (B, D, T)
+        return x.transpose(1, 2)
+
+
+def _per_layer(name: str, values: Sequence[Any] | None, n_layers: int) -> list[Any] | None:
+    if values is None:
+        return None
+    values = list(values)
+    if len(values) != n_layers:
+        raise ValueError(f"{name} has {len(values)} entries but the encoder has n_layers={n_layers}")
+    return values
+
+
+def _ff_pair(value: Any) -> tuple[int, int]:
+    """One ``ff_hidden`` entry: an int (both FFNs) or a pair [ffn1, ffn2]."""
+    pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"ff_hidden entries must be a positive int or [ffn1, ffn2], got {value!r}")
+    return pair
+
+
+def _shrink_heads(attn: MultiHeadAttention, n_heads: int) -> None:
+    """Rebuild ``attn``'s projections for ``n_heads`` heads of the same d_k (NeMo reshapes by h * d_k)."""
+    d_model, inner = attn.linear_q.in_features, n_heads * attn.d_k
+    bias = attn.linear_q.bias is not None
+    attn.h = n_heads
+    attn.linear_q = nn.Linear(d_model, inner, bias=bias)
+    attn.linear_k = nn.Linear(d_model, inner, bias=bias)
+    attn.linear_v = nn.Linear(d_model, inner, bias=bias)
+    attn.linear_out = nn.Linear(inner, d_model, bias=bias)
+    if hasattr(attn, "linear_pos"):
+        attn.linear_pos = nn.Linear(d_model, inner, bias=False)
+        attn.pos_bias_u = nn.Parameter(torch.zeros(n_heads, attn.d_k))
+        attn.pos_bias_v = nn.Parameter(torch.zeros(n_heads, attn.d_k))
+
+
+class GroupNormConformerEncoder(ConformerEncoder):
+    """NeMo ``ConformerEncoder`` with a padding-exact GroupNorm conv module and optional per-layer widths.
+
+    Every ``ConformerEncoder`` argument keeps its meaning; ``conv_norm_type`` must be ``group_norm<G>``.
+
+    Args (in addition to NeMo's, all optional; ``None`` means NeMo's uniform width):
+        ff_hidden: per layer, the FFN hidden size (int) or ``[ffn1, ffn2]``; NeMo: d_model * ff_expansion_factor.
+        layer_n_heads: per layer, the number of attention heads, each of width d_model / n_heads.
+        conv_channels: per layer, the conv module's inner channels (a multiple of G); NeMo: d_model.
+
+    Example::
+
+        enc = GroupNormConformerEncoder(feat_in=80, n_layers=2, d_model=64, n_heads=4,
+                                        conv_norm_type="group_norm8", ff_hidden=[256, 128])
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        conv_norm_type: str = "group_norm8",
+        ff_hidden: Sequence[Any] | None = None,
+        layer_n_heads: Sequence[int] | None = None,
+        conv_channels: Sequence[int] | None = None,
+        **kwargs: Any,
+    ):
+        num_groups = parse_num_groups(conv_norm_type)
+        # NeMo's own GroupNorm is built first and replaced below; it needs G | d_model, so give it 1 group.
+        super().__init__(*args, conv_norm_type="group_norm1", **kwargs)
+        self.conv_norm_type = conv_norm_type
+        self.num_groups = num_groups
+        n = len(self.layers)
+        ff_hidden = _per_layer("ff_hidden", ff_hidden, n)
+        layer_n_heads = _per_layer("layer_n_heads", layer_n_heads, n)
+        conv_channels = _per_layer("conv_channels", conv_channels, n)
+        use_bias = kwargs.get("use_bias", True)
+        kernel = kwargs.get("conv_kernel_size", 31)
+        dropout = kwargs.get("dropout", 0.1)
+        if layer_n_heads is not None:
+            if self.self_attention_model not in ("rel_pos", "abs_pos"):
+                raise ValueError(f"layer_n_heads needs self_attention_model rel_pos or abs_pos, "
+                                 f"not {self.self_attention_model!r}")
+            if self.self_attention_model == "rel_pos" and not kwargs.get("untie_biases", True):
+                raise ValueError("layer_n_heads needs untie_biases=True (tied pos_bias_u/v have one head count)")
+        for i, layer in enumerate(self.layers):
+            layer.conv = MaskedConformerConvolution(
+                d_model=self.d_model,
+                kernel_size=kernel,
+                num_groups=num_groups,
+                channels=None if conv_channels is None else int(conv_channels[i]),
+                conv_context_size=self.conv_context_size,
+                use_bias=use_bias,
+            )
+            if ff_hidden is not None:
+                ff1, ff2 = _ff_pair(ff_hidden[i])
+                layer.feed_forward1 = ConformerFeedForward(self.d_model, ff1, dropout, use_bias=use_bias)
+                layer.feed_forward2 = ConformerFeedForward(self.d_model, ff2, dropout, use_bias=use_bias)
+            if layer_n_heads is not None and int(layer_n_heads[i]) != layer.self_attn.h:
+                if int(layer_n_heads[i]) < 1:
+                    raise ValueError(f"layer_n_heads[{i}] must be >= 1, got {layer_n_heads[i]}")
+                _shrink_heads(layer.self_attn, int(layer_n_heads[i]))
+                layer.n_heads = int(layer_n_heads[i])
+
+    def forward_internal(self, audio_signal, length, cache_last_channel=None, *args, **kwargs):
+        if cache_last_channel is not None:
+            raise NotImplementedError(
+                "GroupNormConformerEncoder does not support cache-aware streaming (cache_last_channel was given): "
+                "utterance-level GroupNorm statistics cannot be computed chunk by chunk."
+            )
+        return super().forward_internal(audio_signal, length, cache_last_channel, *args, **kwargs)
+
+    def get_initial_cache_state(self, *args, **kwargs):
+        raise NotImplementedError(
+            "GroupNormConformerEncoder does not support cache-aware streaming: utterance-level GroupNorm "
+            "statistics cannot be computed chunk by chunk. Use offline (full-utterance) transcription."
+        )
+
+    def change_attention_model(self, *args, **kwargs):
+        if any(layer.self_attn.h != self.layers[0].self_attn.h for layer in self.layers):
+            raise NotImplementedError("change_attention_model is not supported with per-layer head counts")
+        return super().change_attention_model(*args, **kwargs)
+
+
+def stock_encoder_config(encoder_cfg: Any) -> dict:
+    """Encoder config for NeMo's own ``ConformerEncoder`` (same weights; NeMo's padding-dependent GroupNorm).
+
+    Fails when the config uses per-layer widths, which stock NeMo cannot express.
+    """
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(encoder_cfg, resolve=True) if not isinstance(encoder_cfg, dict) else dict(encoder_cfg)
+    for key in LAYERFX_ONLY_KEYS:
+        if cfg.pop(key, None) is not None:
+            raise ValueError(f"encoder uses per-layer widths ({key}); stock NeMo ConformerEncoder cannot load it")
+    cfg["_target_"] = STOCK_ENCODER_TARGET
+    return cfg
+
+
+class GroupNormConformerEncoderAdapter(GroupNormConformerEncoder, ConformerEncoderAdapter):
+    """Adapter-capable variant, registered so ``model.add_adapter`` works on GroupNorm encoders."""
