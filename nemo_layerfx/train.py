@@ -1,0 +1,141 @@
+"""Training entry point: NeMo's example-script body, with the model class picked from the config.
+
+    python -m nemo_layerfx.train --config-name conformer_gn_tiny            # or examples/asr/speech_to_text.py
+    python -m nemo_layerfx.train --config-path /my/conf --config-name my_cfg trainer.max_epochs=5
+
+Lightning callbacks listed under ``trainer.callbacks`` (``_target_`` each) are instantiated by NeMo's
+``resolve_trainer_cfg``; a plugin callback must also subclass NeMo's ``Serialization`` to pass the allow-list.
+An optional ``layerfx:`` section adds: ``model_class`` (override the inferred class), ``report_wer`` (dev WER
+before and after fit), ``report_path`` (write that report as JSON) and ``save_to`` (final ``.nemo``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from nemo_layerfx.registration import register
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+# name -> NeMo class path; the name can be given as layerfx.model_class
+MODEL_CLASSES = {
+    "ctc_bpe": "nemo.collections.asr.models.EncDecCTCModelBPE",
+    "ctc": "nemo.collections.asr.models.EncDecCTCModel",
+    "rnnt_bpe": "nemo.collections.asr.models.EncDecRNNTBPEModel",
+    "rnnt": "nemo.collections.asr.models.EncDecRNNTModel",
+    "hybrid_bpe": "nemo.collections.asr.models.EncDecHybridRNNTCTCBPEModel",
+    "hybrid": "nemo.collections.asr.models.EncDecHybridRNNTCTCModel",
+}
+
+
+def model_class_name(cfg: DictConfig) -> str:
+    """CTC / RNNT / hybrid from the decoder blocks present; BPE when a tokenizer is configured."""
+    explicit = (cfg.get("layerfx") or {}).get("model_class")
+    if explicit:
+        if explicit not in MODEL_CLASSES:
+            raise ValueError(f"unknown layerfx.model_class {explicit!r}; choose one of {', '.join(MODEL_CLASSES)}")
+        return explicit
+    m = cfg.model
+    kind = "hybrid" if "joint" in m and "aux_ctc" in m else "rnnt" if "joint" in m else "ctc"
+    return f"{kind}_bpe" if m.get("tokenizer") is not None else kind
+
+
+def model_class(cfg: DictConfig) -> type:
+    import importlib
+
+    module, _, name = MODEL_CLASSES[model_class_name(cfg)].rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _manifests(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, (list, ListConfig)):
+        return [p for v in value for p in _manifests(v)]
+    return [p for p in str(value).split(",") if p]
+
+
+def check_inputs(cfg: DictConfig) -> None:
+    """Fail before any model is built when a manifest or the tokenizer is missing or empty."""
+    m = cfg.model
+    for split in ("train_ds", "validation_ds", "test_ds"):
+        ds = m.get(split)
+        if ds is None or ds.get("is_tarred", False) or ds.get("use_lhotse", False):
+            continue
+        if split != "test_ds" and OmegaConf.is_missing(ds, "manifest_filepath"):
+            raise ValueError(f"model.{split}.manifest_filepath is not set")
+        for path in _manifests(ds.get("manifest_filepath")):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"model.{split}.manifest_filepath: no such manifest: {path}")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"model.{split}.manifest_filepath: manifest is empty: {path}")
+    tok = m.get("tokenizer")
+    if tok is not None:
+        if OmegaConf.is_missing(tok, "dir"):
+            raise ValueError("model.tokenizer.dir is not set (a folder with tokenizer.model)")
+        needed = "vocab.txt" if tok.get("type") == "wpe" else "tokenizer.model"
+        if not os.path.isfile(os.path.join(str(tok.dir), needed)):
+            raise FileNotFoundError(f"model.tokenizer.dir={tok.dir} has no {needed}")
+
+
+def _metrics(results: list[dict]) -> dict[str, float]:
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def train(cfg: DictConfig):
+    """Build the trainer, exp_manager and model from ``cfg``, fit, and return the trained model."""
+    import lightning.pytorch as pl
+    from nemo.utils import logging
+    from nemo.utils.exp_manager import exp_manager
+    from nemo.utils.trainer_utils import resolve_trainer_cfg
+
+    register()
+    check_inputs(cfg)
+    cls = model_class(cfg)
+    extra = cfg.get("layerfx") or {}
+    trainer = pl.Trainer(**resolve_trainer_cfg(cfg.trainer))
+    exp_manager(trainer, cfg.get("exp_manager", None))
+    model = cls(cfg=cfg.model, trainer=trainer)
+    model.maybe_init_from_pretrained_checkpoint(cfg)
+
+    report: dict[str, Any] = {"model_class": f"{cls.__module__}.{cls.__name__}"}
+    if extra.get("report_wer"):
+        report["start"] = _metrics(trainer.validate(model, verbose=False))
+    trainer.fit(model)
+    if extra.get("report_wer"):
+        report["end"] = _metrics(trainer.validate(model, verbose=False))
+        report["steps"] = int(trainer.global_step)
+        start, end = report["start"].get("val_wer"), report["end"].get("val_wer")
+        logging.info(f"dev WER: start {start:.4f} -> end {end:.4f} after {trainer.global_step} steps")
+        print(f"[layerfx] dev WER at start: {start:.4f}   dev WER at end: {end:.4f}   "
+              f"({trainer.global_step} steps)", flush=True)
+        if extra.get("report_path"):
+            Path(extra.report_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(extra.report_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    test = cfg.model.get("test_ds")
+    if test is not None and test.get("manifest_filepath"):
+        if model.prepare_test(trainer):
+            trainer.test(model)
+    if extra.get("save_to"):
+        model.save_to(str(extra.save_to))
+    return model
+
+
+def _main(cfg: DictConfig) -> None:
+    train(cfg)
+
+
+def main() -> None:
+    """Console entry: a NeMo ``hydra_runner`` rooted at the packaged configs."""
+    from nemo.core.config import hydra_runner
+
+    hydra_runner(config_path=CONF_DIR, config_name="conformer_gn")(_main)()
+
+
+if __name__ == "__main__":
+    main()
