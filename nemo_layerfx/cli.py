@@ -1,0 +1,75 @@
+"""``layerfx``: the things users do outside training.
+
+    layerfx make-corpus --preset commands --out data/commands
+    layerfx convert-norm pretrained.nemo pretrained_gn.nemo --groups 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _make_corpus(args: argparse.Namespace) -> int:
+    from nemo_layerfx.corpus import CorpusConfig, make_corpus
+
+    cfg = CorpusConfig(out=args.out, preset=args.preset, n=args.n, speakers=args.speakers, seed=args.seed,
+                       workers=args.workers, dev_frac=args.dev_frac, test_frac=args.test_frac, vocab=args.vocab,
+                       vocab_size=args.vocab_size)
+    info = make_corpus(cfg)
+    print(json.dumps({k: info[k] for k in ("utterances", "hours", "speakers", "words", "tokenizer")}, indent=2))
+    print(f"corpus written to {args.out}")
+    return 0
+
+
+def _convert_norm(args: argparse.Namespace) -> int:
+    from nemo_layerfx.convert import convert_norm
+
+    report = convert_norm(args.input, args.output, groups=args.groups)
+    for line in report.lines():
+        print(line)
+    print(f"wrote {args.output} (input {args.input} unchanged); fine-tune it: the norm it was trained with changed")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerfx", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("make-corpus", help="synthesize an offline speech corpus with espeak-ng",
+                       epilog="example: layerfx make-corpus --preset commands --n 1000 --out data/commands",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--preset", default="commands", choices=["commands", "sentences"])
+    c.add_argument("--n", type=int, default=1000, help="utterances in total")
+    c.add_argument("--speakers", type=int, default=24, help="distinct voices (1-152)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--workers", type=int, default=2, help="synthesis processes (output does not depend on it)")
+    c.add_argument("--dev-frac", type=float, default=0.1)
+    c.add_argument("--test-frac", type=float, default=0.1)
+    c.add_argument("--vocab", type=int, default=0, help="sentences: keep sentences of the K commonest words")
+    c.add_argument("--vocab-size", type=int, default=0,
+                   help="tokenizer pieces (0: preset default, -1: no tokenizer)")
+    c.set_defaults(func=_make_corpus)
+
+    n = sub.add_parser("convert-norm", help="BatchNorm Conformer .nemo -> padding-exact GroupNorm .nemo",
+                       epilog="example: layerfx convert-norm stt_conformer.nemo stt_conformer_gn8.nemo --groups 8")
+    n.add_argument("input", help="a Conformer .nemo (never modified)")
+    n.add_argument("output", help="where to write the converted .nemo")
+    n.add_argument("--groups", type=int, default=8, help="GroupNorm groups; must divide d_model")
+    n.set_defaults(func=_convert_norm)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"layerfx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""GroupNormConformerEncoder: padding exactness, NeMo parity, per-layer widths, config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nemo_layerfx  # noqa: F401  (registers the plugin)
+from nemo.collections.asr.modules import ConformerEncoder
+from nemo_layerfx.encoder import GroupNormConformerEncoder, MaskedGroupNorm
+
+SMALL = dict(feat_in=80, n_layers=2, d_model=64, n_heads=4, conv_kernel_size=15, subsampling="dw_striding",
+             subsampling_factor=4, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
+
+
+def build(cls, seed=0, **kw):
+    torch.manual_seed(seed)
+    return cls(**{**SMALL, "conv_norm_type": "group_norm8", **kw})
+
+
+def drift(enc, train: bool, pad: int = 200) -> tuple[float, float]:
+    """Max |diff| on A's valid frames: A alone vs A zero-padded, and A alone vs A in a batch with a longer B."""
+    enc.train(train)
+    torch.manual_seed(1)
+    a, b = torch.randn(1, 80, 200), torch.randn(1, 80, 200 + pad)
+    alone, n = enc(audio_signal=a, length=torch.tensor([200]))
+    padded_a = torch.cat([a, torch.zeros(1, 80, pad)], dim=2)
+    padded, _ = enc(audio_signal=padded_a, length=torch.tensor([200]))
+    batch, _ = enc(audio_signal=torch.cat([padded_a, b]), length=torch.tensor([200, 200 + pad]))
+    n = int(n[0])
+    return ((alone[0, :, :n] - padded[0, :, :n]).abs().max().item(),
+            (alone[0, :, :n] - batch[0, :, :n]).abs().max().item())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("pad", [40, 600])
+def test_padding_invariance_ours_vs_nemo_group_norm(train, pad):
+    ours = drift(build(GroupNormConformerEncoder), train, pad)
+    assert max(ours) <= 1e-5, f"GroupNormConformerEncoder drifts with padding: {ours}"
+    nemo = drift(build(ConformerEncoder), train, pad)
+    assert min(nemo) > 1e-2, f"NeMo's group_norm8 was expected to leak padding, drift {nemo}"
+
+
+@pytest.mark.unit
+def test_masked_group_norm_matches_group_norm_on_valid_frames():
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 16, 50)
+    lengths = [50, 31, 7]
+    pad_mask = torch.arange(50)[None, :] >= torch.tensor(lengths)[:, None]
+    y = norm(x, pad_mask)
+    for i, n in enumerate(lengths):
+        ref = torch.nn.functional.group_norm(x[i:i + 1, :, :n], 4, norm.weight, norm.bias, norm.eps)
+        torch.testing.assert_close(y[i:i + 1, :, :n], ref, atol=1e-5, rtol=1e-5)
+        assert torch.all(y[i, :, n:] == 0)
+    assert torch.allclose(norm(x), torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+
+
+@pytest.mark.unit
+def test_state_dict_moves_both_ways_with_nemo_group_norm():
+    ours, stock = build(GroupNormConformerEncoder, seed=3), build(ConformerEncoder, seed=4)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}
+    ours.load_state_dict(stock.state_dict(), strict=True)
+    x, n = torch.randn(1, 80, 160), torch.tensor([160])
+    for enc in (ours, stock):
+        enc.eval()
+    torch.testing.assert_close(ours(audio_signal=x, length=n)[0], stock(audio_signal=x, length=n)[0])
+    stock2 = build(ConformerEncoder, seed=5).eval()
+    stock2.load_state_dict(build(GroupNormConformerEncoder, seed=6).state_dict(), strict=True)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("norm, match", [
+    ("group_norm5", "5 groups do not divide the 64 conv channels"),
+    ("batch_norm", "needs conv_norm_type='group_norm<G>'"),
+    ("groupnorm8", "needs conv_norm_type='group_norm<G>'"),
+    ("group_norm0", "needs conv_norm_type='group_norm<G>'"),
+])
+def test_bad_group_spec_is_a_clear_error(norm, match):
+    with pytest.raises(ValueError, match=match):
+        build(GroupNormConformerEncoder, conv_norm_type=norm)
+
+
+@pytest.mark.unit
+def test_per_layer_widths():
+    enc = build(GroupNormConformerEncoder, ff_hidden=[128, [32, 64]], layer_n_heads=[2, 4], conv_channels=[16, 64])
+    sd = enc.state_dict()
+    assert sd["layers.0.feed_forward1.linear1.weight"].shape == (128, 64)
+    assert sd["layers.1.feed_forward1.linear1.weight"].shape == (32, 64)
+    assert sd["layers.1.feed_forward2.linear2.weight"].shape == (64, 64)
+    assert sd["layers.0.self_attn.linear_q.weight"].shape == (32, 64)  # 2 heads x d_k 16
+    assert sd["layers.0.self_attn.linear_out.weight"].shape == (64, 32)
+    assert sd["layers.0.self_attn.pos_bias_u"].shape == (2, 16)
+    assert sd["layers.0.conv.pointwise_conv1.weight"].shape == (32, 64, 1)  # GLU pairs of 16 channels
+    assert sd["layers.0.conv.batch_norm.weight"].shape == (16,)
+    assert sd["layers.1.self_attn.linear_q.weight"].shape == (64, 64)
+    out, n = enc(audio_signal=torch.randn(2, 80, 120), length=torch.tensor([120, 70]))
+    assert out.shape == (2, 64, 30) and n.tolist() == [30, 18]
+    out.sum().backward()
+    # the slimmed model is still padding-exact
+    assert max(drift(enc, train=False, pad=100)) <= 1e-5
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("kw, match", [
+    (dict(ff_hidden=[128]), "ff_hidden has 1 entries but the encoder has n_layers=2"),
+    (dict(conv_channels=[12, 64]), "8 groups do not divide the 12 conv channels"),
+    (dict(layer_n_heads=[0, 4]), r"layer_n_heads\[0\] must be >= 1"),
+    (dict(ff_hidden=[0, 64]), "ff_hidden entries must be a positive int"),
+])
+def test_bad_widths_are_clear_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        build(GroupNormConformerEncoder, **kw)
+
+
+@pytest.mark.unit
+def test_cache_aware_streaming_is_rejected():
+    enc = build(GroupNormConformerEncoder)
+    with pytest.raises(NotImplementedError, match="cache-aware streaming"):
+        enc.get_initial_cache_state(batch_size=1)
+    with pytest.raises(NotImplementedError, match="cache-aware streaming"):
+        enc.layers[0].conv(torch.randn(1, 10, 64), cache=torch.zeros(1, 64, 14))
+
+
+@pytest.mark.unit
+def test_registration_is_idempotent_and_adapters_register():
+    from nemo.core.classes import common
+    from nemo.core.classes.mixins import adapter_mixins
+
+    nemo_layerfx.register()
+    nemo_layerfx.register()
+    assert common.ALLOWED_TARGET_PREFIXES.count("nemo_layerfx.") == 1
+    meta = adapter_mixins.get_registered_adapter(GroupNormConformerEncoder)
+    assert meta is not None and meta.adapter_class.__name__ == "GroupNormConformerEncoderAdapter"
+
+
+@pytest.mark.unit
+def test_from_config_dict_through_nemo_allow_list():
+    from nemo.core.classes.common import Serialization
+
+    enc = Serialization.from_config_dict({"_target_": "nemo_layerfx.encoder.GroupNormConformerEncoder",
+                                          **SMALL, "conv_norm_type": "group_norm4"})
+    assert isinstance(enc, GroupNormConformerEncoder) and enc.num_groups == 4
