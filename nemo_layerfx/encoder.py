@@ -2,7 +2,7 @@
 
 NeMo's ``conv_norm_type: group_normG`` normalizes the conv module over the whole padded time axis, so an
 utterance's encoding depends on how much padding its batch has (0.3-0.7 abs drift at 200-600 padded frames).
-Here the GroupNorm statistics come from valid frames only, and padded frames leave the norm as zeros.
+Here the GroupNorm statistics come from valid frames only.
 
 Shape notation: B batch, T frames (after subsampling), D d_model, C conv channels, G groups, H heads, d_k = D / H.
 
@@ -48,23 +48,30 @@ def parse_num_groups(conv_norm_type: str) -> int:
 
 
 class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm over (channels in group x valid frames); padded frames are excluded and come out as zeros."""
+    """GroupNorm over (channels in group x valid frames): padded frames do not enter the statistics."""
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, T); pad_mask: (B, T), True on padded frames. Returns (B, C, T)."""
         if pad_mask is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         B, C, T = x.shape
-        valid = (~pad_mask).to(x.dtype).view(B, 1, 1, T)
-        xg = x.view(B, self.num_groups, C // self.num_groups, T)  # (B, G, C/G, T)
-        count = (valid.sum(dim=3, keepdim=True) * (C // self.num_groups)).clamp_min(1.0)  # (B, 1, 1, 1)
-        mean = (xg * valid).sum(dim=(2, 3), keepdim=True) / count  # (B, G, 1, 1)
-        centered = (xg - mean) * valid
-        var = centered.pow(2).sum(dim=(2, 3), keepdim=True) / count
-        y = (centered * torch.rsqrt(var + self.eps)).view(B, C, T)
-        if self.affine:
-            y = y * self.weight.view(1, C, 1) + self.bias.view(1, C, 1) * valid.view(B, 1, T)
-        return y
+        G = self.num_groups
+        xm = x.masked_fill(pad_mask.unsqueeze(1), 0.0)  # padded frames -> 0
+        # Statistics over the whole padded group (one fused kernel), then rescaled to the valid frames only:
+        # with zeros on padding, mean_valid = k * mean_all and E_valid[x^2] = k * E_all[x^2], k = T / T_valid.
+        var_all, mean_all = torch.var_mean(xm.view(B, G, -1), dim=2, correction=0)  # (B, G)
+        k = T / (T - pad_mask.sum(dim=1, keepdim=True)).clamp_min(1).to(x.dtype)  # (B, 1)
+        mean = mean_all * k
+        var = ((var_all + mean_all.square()) * k - mean.square()).clamp_min(0.0)
+        rstd = torch.rsqrt(var + self.eps)  # (B, G)
+        # normalization and affine folded into y = x * scale + shift, per (sample, channel)
+        w = self.weight.view(G, C // G) if self.affine else x.new_ones(G, C // G)
+        b = self.bias.view(G, C // G) if self.affine else x.new_zeros(G, C // G)
+        scale = (rstd.unsqueeze(2) * w).view(B, C, 1)
+        shift = (b - (mean * rstd).unsqueeze(2) * w).view(B, C, 1)
+        # padded frames come out as `shift`: nothing downstream reads them (the next conv masks its input,
+        # attention masks its keys), so they are not zeroed again
+        return torch.addcmul(shift, xm, scale)
 
 
 class MaskedConformerConvolution(nn.Module):

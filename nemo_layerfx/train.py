@@ -33,6 +33,14 @@ MODEL_CLASSES = {
 }
 
 
+def compose_config(name: str, overrides: list[str] | None = None) -> DictConfig:
+    """A config from ``conf/`` composed by Hydra exactly as the entry point composes it (for notebooks, tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name=name, overrides=list(overrides or []))
+
+
 def model_class_name(cfg: DictConfig) -> str:
     """CTC / RNNT / hybrid from the decoder blocks present; BPE when a tokenizer is configured."""
     explicit = (cfg.get("layerfx") or {}).get("model_class")
@@ -87,8 +95,11 @@ def _metrics(results: list[dict]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def train(cfg: DictConfig):
-    """Build the trainer, exp_manager and model from ``cfg``, fit, and return the trained model."""
+def train(cfg: DictConfig, extra_callbacks: list | None = None):
+    """Build the trainer, exp_manager and model from ``cfg``, fit, and return the trained model.
+
+    ``extra_callbacks`` are Lightning callbacks added to those of ``trainer.callbacks`` (Python callers only).
+    """
     import lightning.pytorch as pl
     from nemo.utils import logging
     from nemo.utils.exp_manager import exp_manager
@@ -98,7 +109,10 @@ def train(cfg: DictConfig):
     check_inputs(cfg)
     cls = model_class(cfg)
     extra = cfg.get("layerfx") or {}
-    trainer = pl.Trainer(**resolve_trainer_cfg(cfg.trainer))
+    trainer_kwargs = resolve_trainer_cfg(cfg.trainer)
+    if extra_callbacks:
+        trainer_kwargs["callbacks"] = list(trainer_kwargs.get("callbacks") or []) + list(extra_callbacks)
+    trainer = pl.Trainer(**trainer_kwargs)
     exp_manager(trainer, cfg.get("exp_manager", None))
     model = cls(cfg=cfg.model, trainer=trainer)
     model.maybe_init_from_pretrained_checkpoint(cfg)

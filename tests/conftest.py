@@ -49,23 +49,14 @@ def corpus(tmp_path_factory) -> Path:
     return out
 
 
-def compose(name: str, overrides: list[str]):
-    """A shipped config, composed by Hydra exactly as the entry point would."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from nemo_layerfx.train import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return hydra_compose(config_name=name, overrides=overrides)
-
-
 @pytest.fixture
 def tiny_cfg(corpus, tmp_path):
     """``tiny_cfg(name, *extra)``: a shipped preset shrunk for tests, pointed at the test corpus."""
 
+    from nemo_layerfx.train import compose_config
+
     def make(name: str, *extra: str):
         over = TINY + (TINY_RNNT if "transducer" in name or "hybrid" in name else [])
-        return compose(name, over + [f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}", *extra])
+        return compose_config(name, over + [f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}", *extra])
 
     return make
