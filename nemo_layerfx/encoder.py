@@ -47,31 +47,59 @@ def parse_num_groups(conv_norm_type: str) -> int:
     return int(m.group(1))
 
 
+class _MaskedGroupNormFn(torch.autograd.Function):
+    """Valid-frame GroupNorm with a hand-written backward: a few fused kernels instead of an autograd chain,
+    which matters on GPUs where a small Conformer step is bound by kernel launches."""
+
+    @staticmethod
+    def forward(ctx, x, valid, weight, bias, num_groups: int, eps: float):
+        B, C, T = x.shape
+        G, Cg = num_groups, C // num_groups
+        xm = x * valid  # (B, C, T), padded frames -> 0
+        # Statistics over the whole padded group (one fused kernel), rescaled to the valid frames: with zeros on
+        # padding, mean_valid = k * mean_all and E_valid[x^2] = k * E_all[x^2], k = T / T_valid.
+        var_all, mean_all = torch.var_mean(xm.view(B, G, Cg * T), dim=2, correction=0)  # (B, G)
+        n_valid = valid.sum(dim=2).clamp_min(1.0)  # (B, 1)
+        k = T / n_valid
+        mean = mean_all * k
+        rstd = torch.rsqrt(((var_all + mean_all.square()) * k - mean.square()).clamp_min(0.0) + eps)
+        w, b = weight.view(1, G, Cg), bias.view(1, G, Cg)
+        scale = rstd.unsqueeze(2) * w  # (B, G, Cg)
+        shift = b - (mean * rstd).unsqueeze(2) * w
+        y = torch.addcmul(shift.view(B, C, 1), xm, scale.view(B, C, 1)) * valid  # padded frames -> 0
+        ctx.save_for_backward(xm, valid, weight, mean, rstd, n_valid)
+        ctx.num_groups = G
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xm, valid, weight, mean, rstd, n_valid = ctx.saved_tensors
+        B, C, T = xm.shape
+        G, Cg = ctx.num_groups, C // ctx.num_groups
+        dy = (dy * valid).view(B, G, Cg, T)  # padded outputs are constant zeros
+        xhat = ((xm.view(B, G, Cg, T) - mean.view(B, G, 1, 1)) * rstd.view(B, G, 1, 1)) * valid.view(B, 1, 1, T)
+        dxhat = dy * weight.view(1, G, Cg, 1)
+        n = (n_valid * Cg).view(B, 1, 1, 1)
+        mean_dxhat = dxhat.sum(dim=(2, 3), keepdim=True) / n
+        mean_dxhat_xhat = (dxhat * xhat).sum(dim=(2, 3), keepdim=True) / n
+        dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * rstd.view(B, G, 1, 1) * valid.view(B, 1, 1, T)
+        dweight = (dy * xhat).sum(dim=(0, 3)).reshape(C)
+        dbias = dy.sum(dim=(0, 3)).reshape(C)
+        return dx.view(B, C, T), None, dweight, dbias, None, None
+
+
 class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm over (channels in group x valid frames): padded frames do not enter the statistics."""
+    """GroupNorm over (channels in group x valid frames): padded frames do not enter the statistics and
+    come out as zeros."""
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, C, T); pad_mask: (B, T), True on padded frames. Returns (B, C, T)."""
         if pad_mask is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        B, C, T = x.shape
-        G = self.num_groups
-        xm = x.masked_fill(pad_mask.unsqueeze(1), 0.0)  # padded frames -> 0
-        # Statistics over the whole padded group (one fused kernel), then rescaled to the valid frames only:
-        # with zeros on padding, mean_valid = k * mean_all and E_valid[x^2] = k * E_all[x^2], k = T / T_valid.
-        var_all, mean_all = torch.var_mean(xm.view(B, G, -1), dim=2, correction=0)  # (B, G)
-        k = T / (T - pad_mask.sum(dim=1, keepdim=True)).clamp_min(1).to(x.dtype)  # (B, 1)
-        mean = mean_all * k
-        var = ((var_all + mean_all.square()) * k - mean.square()).clamp_min(0.0)
-        rstd = torch.rsqrt(var + self.eps)  # (B, G)
-        # normalization and affine folded into y = x * scale + shift, per (sample, channel)
-        w = self.weight.view(G, C // G) if self.affine else x.new_ones(G, C // G)
-        b = self.bias.view(G, C // G) if self.affine else x.new_zeros(G, C // G)
-        scale = (rstd.unsqueeze(2) * w).view(B, C, 1)
-        shift = (b - (mean * rstd).unsqueeze(2) * w).view(B, C, 1)
-        # padded frames come out as `shift`: nothing downstream reads them (the next conv masks its input,
-        # attention masks its keys), so they are not zeroed again
-        return torch.addcmul(shift, xm, scale)
+        valid = (~pad_mask).to(x.dtype).unsqueeze(1)  # (B, 1, T)
+        weight = self.weight if self.affine else x.new_ones(x.shape[1])
+        bias = self.bias if self.affine else x.new_zeros(x.shape[1])
+        return _MaskedGroupNormFn.apply(x, valid, weight, bias, self.num_groups, self.eps)
 
 
 class MaskedConformerConvolution(nn.Module):

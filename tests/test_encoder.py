@@ -55,7 +55,21 @@ def test_masked_group_norm_matches_group_norm_on_valid_frames():
     for i, n in enumerate(lengths):
         ref = torch.nn.functional.group_norm(x[i:i + 1, :, :n], 4, norm.weight, norm.bias, norm.eps)
         torch.testing.assert_close(y[i:i + 1, :, :n], ref, atol=1e-5, rtol=1e-5)
+        assert torch.all(y[i, :, n:] == 0)
     assert torch.allclose(norm(x), torch.nn.functional.group_norm(x, 4, norm.weight, norm.bias, norm.eps))
+
+
+@pytest.mark.unit
+def test_masked_group_norm_gradient_is_exact():
+    """The hand-written backward against finite differences (float64), padding included."""
+    from nemo_layerfx.encoder import _MaskedGroupNormFn
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, 11, dtype=torch.double, requires_grad=True)
+    w = torch.randn(8, dtype=torch.double, requires_grad=True)
+    b = torch.randn(8, dtype=torch.double, requires_grad=True)
+    valid = (torch.arange(11)[None] < torch.tensor([11, 7, 3])[:, None]).double().unsqueeze(1)
+    assert torch.autograd.gradcheck(lambda x, w, b: _MaskedGroupNormFn.apply(x, valid, w, b, 2, 1e-5), (x, w, b))
 
 
 @pytest.mark.unit
