@@ -5,8 +5,8 @@
 
 Lightning callbacks listed under ``trainer.callbacks`` (``_target_`` each) are instantiated by NeMo's
 ``resolve_trainer_cfg``; a plugin callback must also subclass NeMo's ``Serialization`` to pass the allow-list.
-An optional ``layerfx:`` section adds: ``model_class`` (override the inferred class), ``report_wer`` (dev WER
-before and after fit), ``report_path`` (write that report as JSON) and ``save_to`` (final ``.nemo``).
+An optional ``layerfx:`` section adds: ``model_class`` (override the inferred class), ``seed``, ``report_wer`` (dev
+WER before and after fit), ``report_path`` (write that report as JSON) and ``save_to`` (final ``.nemo``).
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None):
     check_inputs(cfg)
     cls = model_class(cfg)
     extra = cfg.get("layerfx") or {}
+    if extra.get("seed") is not None:
+        pl.seed_everything(int(extra.seed), workers=True)
     trainer_kwargs = resolve_trainer_cfg(cfg.trainer)
     if extra_callbacks:
         trainer_kwargs["callbacks"] = list(trainer_kwargs.get("callbacks") or []) + list(extra_callbacks)

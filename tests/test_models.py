@@ -59,3 +59,11 @@ def test_model_class_is_picked_from_config(tiny_cfg):
     assert model_class_name(tiny_cfg("conformer_gn_tiny", "layerfx.model_class=ctc")) == "ctc"
     with pytest.raises(ValueError, match="unknown layerfx.model_class 'seq2seq'; choose one of ctc_bpe, ctc"):
         model_class_name(tiny_cfg("conformer_gn_tiny", "layerfx.model_class=seq2seq"))
+
+
+@pytest.mark.integration
+def test_layerfx_seed_makes_training_reproducible(tiny_cfg):
+    runs = [train(tiny_cfg("conformer_gn_tiny", "layerfx.seed=3")).state_dict() for _ in range(2)]
+    other = train(tiny_cfg("conformer_gn_tiny", "layerfx.seed=4")).state_dict()
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    assert not all(torch.equal(runs[0][k], other[k]) for k in runs[0])
