@@ -157,3 +157,14 @@ def test_from_config_dict_through_nemo_allow_list():
     enc = Serialization.from_config_dict({"_target_": "nemo_layerfx.encoder.GroupNormConformerEncoder",
                                           **SMALL, "conv_norm_type": "group_norm4"})
     assert isinstance(enc, GroupNormConformerEncoder) and enc.num_groups == 4
+
+
+@pytest.mark.unit
+def test_bf16_autocast_keeps_float32_statistics():
+    enc = build(GroupNormConformerEncoder).eval()
+    x, n = torch.randn(2, 80, 160), torch.tensor([160, 90])
+    ref, _ = enc(audio_signal=x, length=n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = enc(audio_signal=x, length=n)
+    assert torch.isfinite(low).all()
+    assert (low.float()[0] - ref[0]).abs().mean() < 0.05 * ref[0].abs().mean()
