@@ -9,6 +9,15 @@ from nemo_layerfx.registration import register
 register()
 
 from nemo_layerfx.convert import convert_norm  # noqa: E402
+from nemo_layerfx.importance import (  # noqa: E402
+    ProbeConfig,
+    ProbeReport,
+    layer_snapshot,
+    load_snapshot,
+    plot_report,
+    probe,
+    save_snapshot,
+)
 from nemo_layerfx.encoder import (  # noqa: E402
     GroupNormConformerEncoder,
     MaskedConformerConvolution,
@@ -20,6 +29,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GroupNormConformerEncoder",
+    "ProbeConfig",
+    "ProbeReport",
+    "layer_snapshot",
+    "load_snapshot",
+    "plot_report",
+    "probe",
+    "save_snapshot",
     "MaskedConformerConvolution",
     "MaskedGroupNorm",
     "convert_norm",

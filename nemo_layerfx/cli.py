@@ -2,6 +2,7 @@
 
     layerfx make-corpus --preset commands --out data/commands
     layerfx convert-norm pretrained.nemo pretrained_gn.nemo --groups 8
+    layerfx probe model.nemo --manifest dev_manifest.json --mode rerand --draws 3
 """
 
 from __future__ import annotations
@@ -33,6 +34,40 @@ def _convert_norm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nemo_layerfx.convert import restore
+    from nemo_layerfx.importance import ProbeConfig, plot_report, probe
+
+    modes = ("reinit", "rerand") if args.mode == "both" else (args.mode,)
+    cfg = ProbeConfig(modes=modes, unit=args.unit, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
+                      max_utterances=args.max_utterances, ambient_rel_threshold=args.threshold,
+                      n_ambient=args.n_ambient)
+    if "reinit" in modes and args.init is None:
+        raise ValueError("--mode reinit needs --init INIT.safetensors (the step-0 snapshot saved at fit start); "
+                         "a pretrained .nemo does not carry its initial weights, so only --mode rerand is possible")
+    model = restore(args.model)
+    if args.device:
+        model = model.to(args.device)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="probe", unit="reset", leave=False)
+        progress = lambda msg: bar.update(1)  # noqa: E731
+    except ImportError:  # pragma: no cover
+        bar, progress = None, None
+    report = probe(model, args.manifest, cfg, init=args.init, progress=progress)
+    if bar is not None:
+        bar.close()
+    out = Path(args.out)
+    report.to_json(out / "probe.json")
+    plot_report(report, out / "probe.png")
+    print(report.table())
+    print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerfx", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("output", help="where to write the converted .nemo")
     n.add_argument("--groups", type=int, default=8, help="GroupNorm groups; must divide d_model")
     n.set_defaults(func=_convert_norm)
+
+    pr = sub.add_parser("probe", help="ambient / critical Conformer layers of a .nemo by re-init / re-rand",
+                        epilog="example: layerfx probe model.nemo --manifest data/commands/dev_manifest.json "
+                               "--mode rerand --draws 3 --out runs/probe",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    pr.add_argument("model", help="a NeMo Conformer .nemo (CTC, RNNT or hybrid)")
+    pr.add_argument("--manifest", required=True, help="NeMo manifest of the evaluation utterances")
+    pr.add_argument("--mode", default="rerand", choices=["rerand", "reinit", "both"])
+    pr.add_argument("--init", default=None, help="step-0 layer snapshot (.safetensors), needed for reinit")
+    pr.add_argument("--draws", type=int, default=1, help="re-rand draws averaged per unit")
+    pr.add_argument("--unit", default="block", choices=["block", "module"])
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--threshold", type=float, default=0.10, help="ambient if WER <= baseline x (1 + threshold)")
+    pr.add_argument("--n-ambient", type=int, default=None, help="label the n least important units ambient")
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--max-utterances", type=int, default=None)
+    pr.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
+    pr.add_argument("--out", default="runs/probe", help="folder for probe.json and probe.png")
+    pr.set_defaults(func=_probe)
     return p
 
 

@@ -1,0 +1,162 @@
+"""Layer-importance probe: exact against naive evaluation, restores weights, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nemo_layerfx  # noqa: F401
+from nemo.collections.asr.models import EncDecCTCModelBPE, EncDecRNNTBPEModel
+from nemo_layerfx.importance import (
+    ProbeConfig, audio_batches, decode, encode_prefix, fresh_draw, init_state, layer_snapshot, load_snapshot,
+    probe, probe_units, read_manifest, run_layers, save_snapshot, swapped, wer,
+)
+
+
+def naive_wer(model, manifest, module=None, state=None) -> tuple[float, list[str]]:
+    """Full forward of the whole model per batch (no caching), with ``module`` temporarily set to ``state``."""
+    rows = read_manifest(manifest)
+    hyps, refs = [], []
+    model.eval()
+    ctx = swapped(module, state) if module is not None else torch.no_grad()
+    with ctx, torch.no_grad():
+        for audio, lengths, texts in audio_batches(rows, 16, 16000, "cpu"):
+            feats, flen = model.preprocessor(input_signal=audio, length=lengths)
+            encoded, enc_len = model.encoder(audio_signal=feats, length=flen)
+            hyps += decode(model, encoded, enc_len)
+            refs += texts
+    return wer(hyps, refs), hyps
+
+
+@pytest.fixture
+def ctc_model(tiny_cfg):
+    torch.manual_seed(0)
+    model = EncDecCTCModelBPE(cfg=tiny_cfg("conformer_gn_tiny", "model.encoder.n_layers=3").model)
+    init = layer_snapshot(model)
+    with torch.no_grad():  # stand-in for training: move every layer away from its init
+        for p in model.encoder.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval(), init
+
+
+@pytest.mark.integration
+def test_prefix_forward_equals_model_forward(ctc_model, corpus):
+    model, _ = ctc_model
+    rows = read_manifest(corpus / "dev_manifest.json")
+    audio, lengths, _ = next(audio_batches(rows, 4, 16000, "cpu"))
+    prefix = encode_prefix(model, audio, lengths)
+    with torch.no_grad():
+        feats, flen = model.preprocessor(input_signal=audio, length=lengths)
+        ref, ref_len = model.encoder(audio_signal=feats, length=flen)
+        ours = run_layers(model.encoder, prefix, len(model.encoder.layers))
+    assert len(prefix.hidden) == len(model.encoder.layers) + 1
+    assert torch.equal(prefix.length, ref_len)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("unit", ["block", "module"])
+def test_probe_matches_naive_evaluation_and_restores_weights(ctc_model, corpus, unit):
+    model, init = ctc_model
+    manifest = corpus / "dev_manifest.json"
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = ProbeConfig(modes=("reinit", "rerand"), unit=unit, draws=2)
+    report = probe(model, manifest, cfg, init=init)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    base, base_hyps = naive_wer(model, manifest)
+    assert report.baseline_wer == base and len(set(base_hyps)) > 1  # real, varied transcripts
+    units = probe_units(model, unit)
+    assert report.units == [n for n, _, _ in units]
+    for u, (name, idx, module) in enumerate(units):
+        assert report.wer["reinit"][u] == naive_wer(model, manifest, module, init_state(module, idx, init))[0]
+        draws = [naive_wer(model, manifest, module, fresh_draw(module, seed=u * 1_009 + d))[0] for d in range(2)]
+        assert report.wer["rerand"][u] == pytest.approx(sum(draws) / 2, abs=1e-12)
+    assert report.churn is not None and max(report.churn["block"]) == pytest.approx(1.0)
+
+
+@pytest.mark.integration
+def test_probe_on_rnnt_model(tiny_cfg, corpus, tmp_path):
+    torch.manual_seed(0)
+    model = EncDecRNNTBPEModel(cfg=tiny_cfg("conformer_gn_transducer_tiny").model)
+    report = probe(model, corpus / "dev_manifest.json", ProbeConfig(n_ambient=1))
+    assert len(report.units) == 2 and len(report.ambient["rerand"]) == 1
+    report.to_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["units"] == ["layers.0", "layers.1"]
+
+
+@pytest.mark.integration
+def test_interrupted_probe_leaves_weights_restored(ctc_model, corpus):
+    model, init = ctc_model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+
+    def stop_midway(msg):
+        calls.append(msg)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probe(model, corpus / "dev_manifest.json", ProbeConfig(modes=("reinit",)), init=init, progress=stop_midway)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.integration
+def test_rerand_draw_is_seeded_and_leaves_global_rng_alone(ctc_model):
+    model, _ = ctc_model
+    layer = model.encoder.layers[1]
+    state = torch.random.get_rng_state()
+    a, b, c = fresh_draw(layer, 5), fresh_draw(layer, 5), fresh_draw(layer, 6)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["feed_forward1.linear1.weight"], c["feed_forward1.linear1.weight"])
+    assert torch.all(a["self_attn.pos_bias_u"] == 0) and torch.all(a["norm_out.weight"] == 1)
+
+
+@pytest.mark.integration
+def test_snapshot_round_trip_and_bad_inputs(ctc_model, corpus, tmp_path, tiny_cfg):
+    model, init = ctc_model
+    save_snapshot(init, tmp_path / "init.safetensors")
+    loaded = load_snapshot(tmp_path / "init.safetensors")
+    assert set(loaded) == set(init) and all(torch.equal(loaded[k], init[k]) for k in init)
+    dev = corpus / "dev_manifest.json"
+    with pytest.raises(ValueError, match="mode 'reinit' needs the step-0 init snapshot"):
+        probe(model, dev, ProbeConfig(modes=("reinit",)))
+    other = EncDecCTCModelBPE(cfg=tiny_cfg("conformer_gn_tiny", "model.encoder.d_model=48",
+                                           "model.encoder.n_layers=3").model)
+    with pytest.raises(ValueError, match="init snapshot does not match the model: shape mismatch"):
+        probe(model, dev, ProbeConfig(modes=("reinit",)), init=layer_snapshot(other))
+    with pytest.raises(FileNotFoundError, match="no such manifest"):
+        probe(model, tmp_path / "missing.json")
+    (tmp_path / "empty.json").write_text("")
+    with pytest.raises(ValueError, match="manifest is empty"):
+        probe(model, tmp_path / "empty.json")
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        ProbeConfig(draws=0)
+    with pytest.raises(ValueError, match="unknown unit 'head'; choose one of block, module"):
+        ProbeConfig(unit="head")
+    with pytest.raises(ValueError, match="unknown probe mode"):
+        ProbeConfig(modes=("shuffle",))
+    model.encoder = torch.nn.Identity()
+    with pytest.raises(ValueError, match="model has no Conformer encoder"):
+        probe(model, dev)
+
+
+@pytest.mark.integration
+def test_cli_probe_on_a_nemo_file(ctc_model, corpus, tmp_path, capsys):
+    from nemo_layerfx import cli
+
+    model, init = ctc_model
+    model.save_to(str(tmp_path / "m.nemo"))
+    save_snapshot(init, tmp_path / "init.safetensors")
+    args = ["probe", str(tmp_path / "m.nemo"), "--manifest", str(corpus / "dev_manifest.json"), "--out",
+            str(tmp_path / "out")]
+    assert cli.main(args + ["--mode", "reinit"]) == 2
+    assert "--mode reinit needs --init" in capsys.readouterr().err
+    assert cli.main(args + ["--mode", "both", "--init", str(tmp_path / "init.safetensors"), "--draws", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline WER" in printed and "layers.2" in printed and "dWER reinit" in printed
+    report = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert set(report["delta_wer"]) == {"reinit", "rerand"} and len(report["units"]) == 3
+    assert (tmp_path / "out" / "probe.png").stat().st_size > 1000
