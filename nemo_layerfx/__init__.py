@@ -8,6 +8,7 @@ from nemo_layerfx.registration import register
 
 register()
 
+from nemo_layerfx.callbacks import LayerImportanceCallback, LossHistory  # noqa: E402
 from nemo_layerfx.convert import convert_norm  # noqa: E402
 from nemo_layerfx.importance import (  # noqa: E402
     ProbeConfig,
@@ -29,6 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GroupNormConformerEncoder",
+    "LayerImportanceCallback",
+    "LossHistory",
     "ProbeConfig",
     "ProbeReport",
     "layer_snapshot",

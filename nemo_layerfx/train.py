@@ -60,11 +60,12 @@ def model_class(cfg: DictConfig) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def _manifests(value: Any) -> list[str]:
+def manifest_paths(value: Any) -> list[str]:
+    """The manifest files of a ``manifest_filepath`` entry (a path, a comma-separated string or a list)."""
     if value is None:
         return []
     if isinstance(value, (list, ListConfig)):
-        return [p for v in value for p in _manifests(v)]
+        return [p for v in value for p in manifest_paths(v)]
     return [p for p in str(value).split(",") if p]
 
 
@@ -77,7 +78,7 @@ def check_inputs(cfg: DictConfig) -> None:
             continue
         if split != "test_ds" and OmegaConf.is_missing(ds, "manifest_filepath"):
             raise ValueError(f"model.{split}.manifest_filepath is not set")
-        for path in _manifests(ds.get("manifest_filepath")):
+        for path in manifest_paths(ds.get("manifest_filepath")):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"model.{split}.manifest_filepath: no such manifest: {path}")
             if os.path.getsize(path) == 0:
