@@ -3,6 +3,7 @@
     layerfx make-corpus --preset commands --out data/commands
     layerfx convert-norm pretrained.nemo pretrained_gn.nemo --groups 8
     layerfx probe model.nemo --manifest dev_manifest.json --mode rerand --draws 3
+    layerfx compare runs/a/probe.json runs/b/probe.json
 """
 
 from __future__ import annotations
@@ -68,6 +69,27 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nemo_layerfx.importance import compare_reports
+
+    reports = []
+    for path in args.reports:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no such probe report: {path}")
+        reports.append(json.loads(Path(path).read_text()))
+    result = compare_reports(reports, mode=args.mode, top_n=args.top_n)
+    for p in result["pairs"]:
+        print(f"{args.reports[p['a']]}  vs  {args.reports[p['b']]}: spearman {p['spearman']:+.3f}, "
+              f"top-{args.top_n} ambient overlap {p[f'top{args.top_n}_ambient_overlap']:.2f} "
+              f"({', '.join(p['ambient_a'])} | {', '.join(p['ambient_b'])})")
+    print(f"mean spearman {result['mean_spearman']:+.3f}, mean overlap {result['mean_overlap']:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="layerfx", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
     pr.add_argument("--out", default="runs/probe", help="folder for probe.json and probe.png")
     pr.set_defaults(func=_probe)
+
+    cp = sub.add_parser("compare", help="agreement of layer rankings across probe reports",
+                        epilog="example: layerfx compare runs/seed0/probe.json runs/seed1/probe.json --top-n 2")
+    cp.add_argument("reports", nargs="+", help="probe.json files of `layerfx probe` or the callback")
+    cp.add_argument("--mode", default="rerand", choices=["rerand", "reinit"])
+    cp.add_argument("--top-n", type=int, default=2, help="size of the most-ambient sets to overlap")
+    cp.add_argument("--out", default=None, help="also write the comparison as JSON here")
+    cp.set_defaults(func=_compare)
     return p
 
 

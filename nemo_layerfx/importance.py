@@ -253,7 +253,8 @@ class ProbeReport:
     wer: dict[str, list[float]] = field(default_factory=dict)  # mode -> per-unit WER after the reset
     delta_wer: dict[str, list[float]] = field(default_factory=dict)
     ambient: dict[str, list[str]] = field(default_factory=dict)
-    churn: dict[str, list[float]] | None = None  # per-unit ||W_t - W_0||_F / max over units, per module kind
+    churn: dict[str, list[float]] | None = None  # per-layer ||W_t - W_0||_F / max over layers, per module kind
+    churn_rank_correlation: dict[str, float] | None = None  # mode -> Spearman(churn of each unit, its WER change)
     config: dict = field(default_factory=dict)
 
     def to_json(self, path: str | Path) -> None:
@@ -268,6 +269,9 @@ class ProbeReport:
         for i, u in enumerate(self.units):
             label = "ambient" if u in self.ambient[first] else "critical"
             lines.append(f"{u:<18}" + "".join(f"{self.delta_wer[m][i]:>+14.4f}" for m in modes) + f"{label:>10}")
+        if self.churn_rank_correlation:
+            lines.append("rank correlation of weight churn and WER change: " + ", ".join(
+                f"{m} {r:+.3f}" for m, r in self.churn_rank_correlation.items()))
         return "\n".join(lines)
 
 
@@ -373,7 +377,71 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         report.ambient[mode] = ambient_units(report.units, report.delta_wer[mode], base, cfg)
     if init is not None:
         report.churn = churn(model, init)
+        unit_churn = [report.churn["block" if cfg.unit == "block" else u.rsplit(".", 1)[1]][int(u.split(".")[1])]
+                      for u in report.units]
+        report.churn_rank_correlation = {m: spearman(unit_churn, d) for m, d in report.delta_wer.items()}
     return report
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their average rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (Pearson on average ranks); nan when either side is constant."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"rank correlation needs two equally long lists of >= 2 values, got {len(a)} and {len(b)}")
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
+
+
+def compare_reports(reports: list[dict], mode: str = "rerand", top_n: int = 2) -> dict:
+    """Agreement of layer rankings across probe reports (runs, seeds, model sizes): Zhou's stability study.
+
+    Pairwise Spearman correlation of the per-unit WER changes (reports over the same units) and the overlap of
+    the ``top_n`` most ambient units (relative depth is used when unit counts differ).
+    """
+    if len(reports) < 2:
+        raise ValueError("compare needs at least two probe reports")
+    for i, r in enumerate(reports):
+        if mode not in r.get("delta_wer", {}):
+            raise ValueError(f"report {i} has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
+    pairs = []
+    for i in range(len(reports)):
+        for j in range(i + 1, len(reports)):
+            a, b = reports[i], reports[j]
+            da, db = a["delta_wer"][mode], b["delta_wer"][mode]
+            amb_a = sorted(range(len(da)), key=lambda k: (da[k], k))[:top_n]
+            amb_b = sorted(range(len(db)), key=lambda k: (db[k], k))[:top_n]
+            same_units = a["units"] == b["units"]
+            if same_units:
+                overlap = len(set(amb_a) & set(amb_b)) / top_n
+                rho = spearman(da, db)
+            else:  # different depths: compare relative positions (layer index / layer count)
+                rel = lambda idx, n: round(idx / max(n - 1, 1) * 4)  # noqa: E731  (quintiles of depth)
+                overlap = len({rel(k, len(da)) for k in amb_a} & {rel(k, len(db)) for k in amb_b}) / top_n
+                rho = float("nan")
+            pairs.append({"a": i, "b": j, "same_units": same_units, "spearman": rho,
+                          f"top{top_n}_ambient_overlap": overlap,
+                          "ambient_a": [a["units"][k] for k in amb_a], "ambient_b": [b["units"][k] for k in amb_b]})
+    rhos = [p["spearman"] for p in pairs if not math.isnan(p["spearman"])]
+    return {"mode": mode, "top_n": top_n, "pairs": pairs,
+            "mean_spearman": sum(rhos) / len(rhos) if rhos else float("nan"),
+            "mean_overlap": sum(p[f"top{top_n}_ambient_overlap"] for p in pairs) / len(pairs)}
 
 
 def ambient_units(units: list[str], delta: list[float], base: float, cfg: ProbeConfig) -> list[str]:

@@ -74,6 +74,7 @@ def test_probe_matches_naive_evaluation_and_restores_weights(ctc_model, corpus, 
         draws = [naive_wer(model, manifest, module, fresh_draw(module, seed=u * 1_009 + d))[0] for d in range(2)]
         assert report.wer["rerand"][u] == pytest.approx(sum(draws) / 2, abs=1e-12)
     assert report.churn is not None and max(report.churn["block"]) == pytest.approx(1.0)
+    assert set(report.churn_rank_correlation) == {"reinit", "rerand"}
 
 
 @pytest.mark.integration
@@ -160,3 +161,29 @@ def test_cli_probe_on_a_nemo_file(ctc_model, corpus, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert set(report["delta_wer"]) == {"reinit", "rerand"} and len(report["units"]) == 3
     assert (tmp_path / "out" / "probe.png").stat().st_size > 1000
+
+
+@pytest.mark.unit
+def test_spearman_and_compare_reports(tmp_path, capsys):
+    from nemo_layerfx import cli
+    from nemo_layerfx.importance import compare_reports, spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties share their rank
+    units = [f"layers.{i}" for i in range(4)]
+    a = {"units": units, "delta_wer": {"rerand": [0.00, 0.01, 0.05, 0.20]}}
+    b = {"units": units, "delta_wer": {"rerand": [0.01, 0.00, 0.06, 0.30]}}
+    c = {"units": units[:2], "delta_wer": {"rerand": [0.00, 0.40]}}
+    result = compare_reports([a, b], top_n=2)
+    assert result["pairs"][0]["spearman"] == pytest.approx(0.8) and result["mean_overlap"] == 1.0
+    with pytest.raises(ValueError, match="has no 'reinit' results"):
+        compare_reports([a, b], mode="reinit")
+    for name, r in (("a", a), ("b", b), ("c", c)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    assert cli.main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "c.json"),
+                     "--top-n", "1", "--out", str(tmp_path / "cmp.json")]) == 0
+    assert "spearman +0.800" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cmp.json").read_text())["pairs"][1]["same_units"] is False
+    assert cli.main(["compare", str(tmp_path / "a.json")]) == 2
+    assert "at least two probe reports" in capsys.readouterr().err
