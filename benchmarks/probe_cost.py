@@ -68,7 +68,8 @@ def main() -> None:
     model = EncDecCTCModelBPE(cfg=cfg.model).to(args.device).eval()
     manifest = Path(args.corpus) / "dev_manifest.json"
     rows = read_manifest(manifest, args.utterances)
-    pcfg = ProbeConfig(modes=("rerand",), draws=1, batch_size=args.batch, max_utterances=args.utterances)
+    # WER only on both sides (the naive loop computes no loss)
+    pcfg = ProbeConfig(modes=("rerand",), draws=1, batch_size=args.batch, max_utterances=args.utterances, loss=False)
     draws = [fresh_draw(m, seed=u * 1_009) for u, (_, _, m) in enumerate(probe_units(model, "block"))]
     t_naive, t_probe = [], []
     for _ in range(args.repeats):

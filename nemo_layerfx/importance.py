@@ -210,6 +210,33 @@ def decode(model: nn.Module, encoded: torch.Tensor, length: torch.Tensor) -> lis
     return [h.text if hasattr(h, "text") else str(h) for h in hyps]
 
 
+def _token_ids(model: nn.Module, text: str) -> list[int]:
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is not None:
+        return list(tokenizer.text_to_ids(text))
+    vocab = {c: i for i, c in enumerate(model.decoder.vocabulary)}  # char models
+    return [vocab[c] for c in text.lower() if c in vocab]
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, encoded: torch.Tensor, length: torch.Tensor, texts: list[str]) -> float:
+    """The model's own training loss (CTC, or RNNT through the joint) on one batch, as NeMo reduces it."""
+    ids = [_token_ids(model, t) for t in texts]
+    tl = torch.tensor([len(i) for i in ids], device=encoded.device)
+    targets = torch.zeros(len(ids), max(1, int(tl.max())), dtype=torch.long, device=encoded.device)
+    for i, seq in enumerate(ids):
+        targets[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    if not hasattr(model, "joint"):
+        log_probs = model.decoder(encoder_output=encoded)
+        return float(model.loss(log_probs=log_probs, targets=targets, input_lengths=length, target_lengths=tl))
+    dec, _, _ = model.decoder(targets=targets, target_length=tl)
+    if model.joint.fuse_loss_wer:
+        return float(model.joint(encoder_outputs=encoded, decoder_outputs=dec, encoder_lengths=length,
+                                 transcripts=targets, transcript_lengths=tl, compute_wer=False)[0])
+    joint = model.joint(encoder_outputs=encoded, decoder_outputs=dec)
+    return float(model.loss(log_probs=joint, targets=targets, input_lengths=length, target_lengths=tl))
+
+
 def wer(hyps: list[str], refs: list[str]) -> float:
     from nemo.collections.asr.metrics.wer import word_error_rate
 
@@ -229,6 +256,7 @@ class ProbeConfig:
     n_ambient: int | None = None  # instead: the n units with the smallest WER change are ambient
     batch_size: int = 16
     max_utterances: int | None = None  # probe on the first N utterances (manifest sorted by duration)
+    loss: bool = True  # also the model's loss per reset (one more decoder/joint pass per batch and reset)
 
     def __post_init__(self) -> None:
         self.modes = tuple(self.modes)
@@ -252,6 +280,8 @@ class ProbeReport:
     units: list[str]  # "layers.3" or "layers.3.attn"
     wer: dict[str, list[float]] = field(default_factory=dict)  # mode -> per-unit WER after the reset
     delta_wer: dict[str, list[float]] = field(default_factory=dict)
+    baseline_loss: float | None = None  # mean over utterances of the per-batch loss
+    loss: dict[str, list[float]] = field(default_factory=dict)  # mode -> per-unit loss after the reset
     ambient: dict[str, list[str]] = field(default_factory=dict)
     churn: dict[str, list[float]] | None = None  # per-layer ||W_t - W_0||_F / max over layers, per module kind
     churn_rank_correlation: dict[str, float] | None = None  # mode -> Spearman(churn of each unit, its WER change)
@@ -264,7 +294,8 @@ class ProbeReport:
     def table(self) -> str:
         modes = list(self.delta_wer)
         head = f"{'unit':<18}" + "".join(f"{'dWER ' + m:>14}" for m in modes) + f"{'label':>10}"
-        lines = [f"baseline WER {self.baseline_wer:.4f} on {self.utterances} utterances", head]
+        loss = f", loss {self.baseline_loss:.3f}" if self.baseline_loss is not None else ""
+        lines = [f"baseline WER {self.baseline_wer:.4f}{loss} on {self.utterances} utterances", head]
         first = modes[0]
         for i, u in enumerate(self.units):
             label = "ambient" if u in self.ambient[first] else "critical"
@@ -351,13 +382,18 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
     refs: list[str] = []
     base_hyps: list[str] = []
     hyps = {mode: [[[] for _ in vs] for vs in variants[mode]] for mode in cfg.modes}
+    base_loss = 0.0  # summed as batch loss x batch size, divided by the utterance count at the end
+    losses = {mode: [[0.0 for _ in vs] for vs in variants[mode]] for mode in cfg.modes}
     try:
         for b, (audio, lengths, texts) in enumerate(audio_batches(rows, cfg.batch_size, model._cfg.sample_rate,
                                                                    device)):
             refs += texts
             prefix = encode_prefix(model, audio, lengths)
             with torch.no_grad():
-                base_hyps += decode(model, run_layers(enc, prefix, len(enc.layers)), prefix.length)
+                out = run_layers(enc, prefix, len(enc.layers))
+                base_hyps += decode(model, out, prefix.length)
+                if cfg.loss:
+                    base_loss += batch_loss(model, out, prefix.length, texts) * len(texts)
             for mode in cfg.modes:
                 for u, (name, layer_idx, module) in enumerate(units):
                     if progress is not None:
@@ -366,12 +402,18 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
                         with swapped(module, state), torch.no_grad():
                             out = run_layers(enc, prefix, layer_idx)
                             hyps[mode][u][d] += decode(model, out, prefix.length)
+                            if cfg.loss:
+                                losses[mode][u][d] += batch_loss(model, out, prefix.length, texts) * len(texts)
     finally:
         model.train(was_training)
     base = wer(base_hyps, refs)
     report = ProbeReport(baseline_wer=base, utterances=len(refs), units=[n for n, _, _ in units],
                          config=asdict(cfg))
+    if cfg.loss:
+        report.baseline_loss = base_loss / len(refs)
     for mode in cfg.modes:
+        if cfg.loss:
+            report.loss[mode] = [sum(per_draw) / len(per_draw) / len(refs) for per_draw in losses[mode]]
         report.wer[mode] = [sum(wer(h, refs) for h in per_draw) / len(per_draw) for per_draw in hyps[mode]]
         report.delta_wer[mode] = [w - base for w in report.wer[mode]]
         report.ambient[mode] = ambient_units(report.units, report.delta_wer[mode], base, cfg)

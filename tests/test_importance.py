@@ -15,10 +15,12 @@ from nemo_layerfx.importance import (
 )
 
 
-def naive_wer(model, manifest, module=None, state=None) -> tuple[float, list[str]]:
+def naive_wer(model, manifest, module=None, state=None, with_loss=False):
     """Full forward of the whole model per batch (no caching), with ``module`` temporarily set to ``state``."""
+    from nemo_layerfx.importance import batch_loss
+
     rows = read_manifest(manifest)
-    hyps, refs = [], []
+    hyps, refs, loss = [], [], 0.0
     model.eval()
     ctx = swapped(module, state) if module is not None else torch.no_grad()
     with ctx, torch.no_grad():
@@ -27,6 +29,9 @@ def naive_wer(model, manifest, module=None, state=None) -> tuple[float, list[str
             encoded, enc_len = model.encoder(audio_signal=feats, length=flen)
             hyps += decode(model, encoded, enc_len)
             refs += texts
+            loss += batch_loss(model, encoded, enc_len, texts) * len(texts)
+    if with_loss:
+        return wer(hyps, refs), hyps, loss / len(refs)
     return wer(hyps, refs), hyps
 
 
@@ -70,7 +75,8 @@ def test_probe_matches_naive_evaluation_and_restores_weights(ctc_model, corpus, 
     units = probe_units(model, unit)
     assert report.units == [n for n, _, _ in units]
     for u, (name, idx, module) in enumerate(units):
-        assert report.wer["reinit"][u] == naive_wer(model, manifest, module, init_state(module, idx, init))[0]
+        w, _, loss = naive_wer(model, manifest, module, init_state(module, idx, init), with_loss=True)
+        assert report.wer["reinit"][u] == w and report.loss["reinit"][u] == pytest.approx(loss, rel=1e-6)
         draws = [naive_wer(model, manifest, module, fresh_draw(module, seed=u * 1_009 + d))[0] for d in range(2)]
         assert report.wer["rerand"][u] == pytest.approx(sum(draws) / 2, abs=1e-12)
     assert report.churn is not None and max(report.churn["block"]) == pytest.approx(1.0)
@@ -83,6 +89,8 @@ def test_probe_on_rnnt_model(tiny_cfg, corpus, tmp_path):
     model = EncDecRNNTBPEModel(cfg=tiny_cfg("conformer_gn_transducer_tiny").model)
     report = probe(model, corpus / "dev_manifest.json", ProbeConfig(n_ambient=1))
     assert len(report.units) == 2 and len(report.ambient["rerand"]) == 1
+    _, _, loss = naive_wer(model, corpus / "dev_manifest.json", with_loss=True)
+    assert report.baseline_loss == pytest.approx(loss, rel=1e-6) and report.baseline_loss > 0
     report.to_json(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["units"] == ["layers.0", "layers.1"]
 
