@@ -26,6 +26,7 @@ _DROPPED_STATS = ("running_mean", "running_var", "num_batches_tracked")
 class ConversionReport:
     """What ``convert_norm`` changed, for printing and tests."""
 
+    source_target: str
     source_norm: str
     target_norm: str
     n_layers: int
@@ -34,8 +35,7 @@ class ConversionReport:
 
     def lines(self) -> list[str]:
         out = [
-            f"encoder: {STOCK_ENCODER_TARGET if self.source_norm != self.target_norm else ENCODER_TARGET}"
-            f" -> {ENCODER_TARGET}",
+            f"encoder: {self.source_target} -> {ENCODER_TARGET}",
             f"conv norm in {self.n_layers} layers: {self.source_norm} -> {self.target_norm} "
             f"(GroupNorm affine taken from the {self.source_norm} affine)",
             f"tensors copied unchanged: {self.copied}",
@@ -99,7 +99,7 @@ def convert_norm(src: str | os.PathLike, dst: str | os.PathLike, groups: int = 8
     original = restore(src).state_dict()
     model = restore(src, override_config=new_cfg, strict=False)
     converted = model.state_dict()
-    report = ConversionReport(source_norm, f"group_norm{groups}", n_layers=int(enc.n_layers))
+    report = ConversionReport(target, source_norm, f"group_norm{groups}", n_layers=int(enc.n_layers))
     missing = [k for k in converted if k not in original]
     if missing:
         raise ValueError(f"conversion left tensors without a source value: {missing[:5]}")

@@ -48,11 +48,16 @@ def conformer_encoder(model: nn.Module) -> nn.Module:
 
 
 # --- init snapshots -----------------------------------------------------------------------------------------
+def _layer_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every encoder layer tensor (parameters and buffers) under its snapshot key ``layers.{i}.{name}``."""
+    for i, layer in enumerate(conformer_encoder(model).layers):
+        for k, v in layer.state_dict().items():
+            yield f"layers.{i}.{k}", v
+
+
 def layer_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every encoder layer tensor (parameters and buffers), keyed ``layers.{i}.{name}``."""
-    enc = conformer_encoder(model)
-    return {f"layers.{i}.{k}": v.detach().cpu().clone() for i, layer in enumerate(enc.layers)
-            for k, v in layer.state_dict().items()}
+    """CPU copies of every encoder layer tensor, keyed ``layers.{i}.{name}``."""
+    return {k: v.detach().cpu().clone() for k, v in _layer_tensors(model)}
 
 
 def save_snapshot(snapshot: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -76,7 +81,7 @@ def load_snapshot(path: str | Path) -> dict[str, torch.Tensor]:
 
 def check_snapshot(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
     """The snapshot must hold exactly this encoder's layer tensors with the same shapes."""
-    expected = {k: v.shape for k, v in layer_snapshot(model).items()}
+    expected = {k: v.shape for k, v in _layer_tensors(model)}  # shapes only: no copy of the weights
     missing = sorted(set(expected) - set(snapshot))
     extra = sorted(set(snapshot) - set(expected))
     wrong = sorted(k for k in set(expected) & set(snapshot) if tuple(snapshot[k].shape) != tuple(expected[k]))
@@ -357,7 +362,7 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         print(report.table())
     """
     cfg = config or ProbeConfig()
-    conformer_encoder(model)
+    enc = conformer_encoder(model)
     if isinstance(init, (str, Path)):
         init = load_snapshot(init)
     if "reinit" in cfg.modes and init is None:
@@ -376,7 +381,6 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         else:
             variants[mode] = [[fresh_draw(m, seed=cfg.seed * 1_000_003 + u * 1_009 + d) for d in range(cfg.draws)]
                               for u, (_, _, m) in enumerate(units)]
-    enc = conformer_encoder(model)
     was_training = model.training
     model.eval()
     refs: list[str] = []
