@@ -44,7 +44,7 @@ def _probe(args: argparse.Namespace) -> int:
     modes = ("reinit", "rerand") if args.mode == "both" else (args.mode,)
     cfg = ProbeConfig(modes=modes, unit=args.unit, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
                       max_utterances=args.max_utterances, ambient_rel_threshold=args.threshold,
-                      n_ambient=args.n_ambient)
+                      n_ambient=args.n_ambient, batch_variants=args.batch_variants)
     if "reinit" in modes and args.init is None:
         raise ValueError("--mode reinit needs --init INIT.safetensors (the step-0 snapshot saved at fit start); "
                          "a pretrained .nemo does not carry its initial weights, so only --mode rerand is possible")
@@ -54,7 +54,7 @@ def _probe(args: argparse.Namespace) -> int:
     try:
         from tqdm import tqdm
 
-        bar = tqdm(desc="probe", unit="reset", leave=False)
+        bar = tqdm(desc="probe", unit="pass", leave=False)
         progress = lambda msg: bar.update(1)  # noqa: E731
     except ImportError:  # pragma: no cover
         bar, progress = None, None
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--n-ambient", type=int, default=None, help="label the n least important units ambient")
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--max-utterances", type=int, default=None)
+    pr.add_argument("--batch-variants", type=int, default=1,
+                    help="resets of one layer evaluated as one batch through the layers after it (GPU: 8)")
     pr.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
     pr.add_argument("--out", default="runs/probe", help="folder for probe.json and probe.png")
     pr.set_defaults(func=_probe)

@@ -203,6 +203,31 @@ def run_layers(enc: nn.Module, p: _Prefix, start: int, keep: bool = False) -> to
 
 
 @torch.no_grad()
+def run_variants(enc: nn.Module, p: _Prefix, layer_idx: int,
+                 resets: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
+    """Encoder outputs (B, D, T) with layer ``layer_idx`` under each reset, the rest of the encoder shared.
+
+    Each reset runs layer ``layer_idx`` on the cached input; the outputs are stacked along the batch so that the
+    layers after it run once for all of them: V resets cost one pass of a V-times larger batch, which keeps a GPU
+    busy where V small passes would be bound by kernel launches.
+    """
+    xs = []
+    for module, state in resets:
+        with swapped(module, state):
+            xs.append(enc.layers[layer_idx](x=p.hidden[layer_idx], att_mask=p.att_mask, pos_emb=p.pos_emb,
+                                            pad_mask=p.pad_mask))
+    v = len(xs)
+    x = torch.cat(xs) if v > 1 else xs[0]
+    pad_mask = p.pad_mask.repeat(v, 1) if v > 1 else p.pad_mask
+    att_mask = p.att_mask.repeat(v, 1, 1) if v > 1 and p.att_mask is not None else p.att_mask
+    for layer in enc.layers[layer_idx + 1:]:
+        x = layer(x=x, att_mask=att_mask, pos_emb=p.pos_emb, pad_mask=pad_mask)
+    if enc.out_proj is not None:
+        x = enc.out_proj(x)
+    return list(x.transpose(1, 2).chunk(v))
+
+
+@torch.no_grad()
 def decode(model: nn.Module, encoded: torch.Tensor, length: torch.Tensor) -> list[str]:
     """Greedy transcripts from encoder output (B, D, T): RNNT (and hybrid) through the joint, else CTC."""
     if hasattr(model, "joint"):
@@ -262,6 +287,7 @@ class ProbeConfig:
     batch_size: int = 16
     max_utterances: int | None = None  # probe on the first N utterances (manifest sorted by duration)
     loss: bool = True  # also the model's loss per reset (one more decoder/joint pass per batch and reset)
+    batch_variants: int = 1  # reset variants of one layer run through layers i+1.. as one batch (GPU: try 8)
 
     def __post_init__(self) -> None:
         self.modes = tuple(self.modes)
@@ -276,6 +302,8 @@ class ProbeConfig:
             raise ValueError("ambient_rel_threshold must be >= 0")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.batch_variants < 1:
+            raise ValueError(f"batch_variants must be >= 1, got {self.batch_variants}")
 
 
 @dataclass
@@ -381,6 +409,12 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         else:
             variants[mode] = [[fresh_draw(m, seed=cfg.seed * 1_000_003 + u * 1_009 + d) for d in range(cfg.draws)]
                               for u, (_, _, m) in enumerate(units)]
+        variants[mode] = [[{k: v.to(device) for k, v in state.items()} for state in vs] for vs in variants[mode]]
+    # every (mode, unit, draw) of one layer shares that layer's cached input: group them for batched passes
+    by_layer: dict[int, list[tuple[str, int, int]]] = {}
+    for mode in cfg.modes:
+        for u, (_, layer_idx, _) in enumerate(units):
+            by_layer.setdefault(layer_idx, []).extend((mode, u, d) for d in range(len(variants[mode][u])))
     was_training = model.training
     model.eval()
     refs: list[str] = []
@@ -398,16 +432,19 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
                 base_hyps += decode(model, out, prefix.length)
                 if cfg.loss:
                     base_loss += batch_loss(model, out, prefix.length, texts) * len(texts)
-            for mode in cfg.modes:
-                for u, (name, layer_idx, module) in enumerate(units):
+            for layer_idx, jobs in by_layer.items():
+                for start in range(0, len(jobs), cfg.batch_variants):
+                    group = jobs[start:start + cfg.batch_variants]
                     if progress is not None:
-                        progress(f"batch {b} {mode} {name}")
-                    for d, state in enumerate(variants[mode][u]):
-                        with swapped(module, state), torch.no_grad():
-                            out = run_layers(enc, prefix, layer_idx)
-                            hyps[mode][u][d] += decode(model, out, prefix.length)
-                            if cfg.loss:
-                                losses[mode][u][d] += batch_loss(model, out, prefix.length, texts) * len(texts)
+                        progress(f"batch {b} layers.{layer_idx} resets {start}..{start + len(group) - 1}")
+                    outs = run_variants(enc, prefix, layer_idx,
+                                        [(units[u][2], variants[mode][u][d]) for mode, u, d in group])
+                    length = prefix.length.repeat(len(group))
+                    texts_all = decode(model, torch.cat(outs) if len(outs) > 1 else outs[0], length)
+                    for k, (mode, u, d) in enumerate(group):
+                        hyps[mode][u][d] += texts_all[k * len(texts):(k + 1) * len(texts)]
+                        if cfg.loss:
+                            losses[mode][u][d] += batch_loss(model, outs[k], prefix.length, texts) * len(texts)
     finally:
         model.train(was_training)
     base = wer(base_hyps, refs)

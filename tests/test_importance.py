@@ -84,6 +84,32 @@ def test_probe_matches_naive_evaluation_and_restores_weights(ctc_model, corpus, 
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("arch", ["ctc", "rnnt"])
+def test_batched_reset_variants_match_one_at_a_time(ctc_model, corpus, tiny_cfg, arch):
+    """Several resets of a layer stacked into one batch give the same transcripts and losses as separate passes."""
+    if arch == "ctc":  # 4 modules x (1 reinit + 2 rerand draws) = 12 resets per layer -> passes of 7 and 5
+        model, init = ctc_model
+        kw, group, passes_per_layer = dict(unit="module", draws=2), 7, 2
+    else:  # untrained RNNT greedy decoding is slow: whole blocks, 1 + 2 resets per layer -> passes of 2 and 1
+        torch.manual_seed(0)
+        model = EncDecRNNTBPEModel(cfg=tiny_cfg("conformer_gn_transducer_tiny").model).eval()
+        init = layer_snapshot(model)
+        kw, group, passes_per_layer = dict(unit="block", draws=2, max_utterances=5), 2, 2
+    kw.update(modes=("reinit", "rerand"), batch_size=5)
+    one = probe(model, corpus / "dev_manifest.json", ProbeConfig(**kw), init=init)
+    passes = []
+    batched = probe(model, corpus / "dev_manifest.json", ProbeConfig(**kw, batch_variants=group), init=init,
+                    progress=passes.append)
+    assert batched.wer == one.wer and batched.baseline_wer == one.baseline_wer
+    for mode in one.loss:
+        assert batched.loss[mode] == pytest.approx(one.loss[mode], rel=1e-5)
+    n_batches = -(-batched.utterances // 5)
+    assert len(passes) == n_batches * len(model.encoder.layers) * passes_per_layer
+    with pytest.raises(ValueError, match="batch_variants must be >= 1"):
+        ProbeConfig(batch_variants=0)
+
+
+@pytest.mark.integration
 def test_probe_on_rnnt_model(tiny_cfg, corpus, tmp_path):
     torch.manual_seed(0)
     model = EncDecRNNTBPEModel(cfg=tiny_cfg("conformer_gn_transducer_tiny").model)
