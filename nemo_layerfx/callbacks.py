@@ -58,6 +58,7 @@ class LayerImportanceCallback(pl.Callback, Serialization):
           modes: [reinit, rerand]
           draws: 1
           max_utterances: 200        # a capped subset of the validation manifest keeps probes cheap
+          batch_variants: 8          # on a GPU: 8 resets of a layer per batched pass (see ProbeConfig)
 
     The step-0 values go to ``<out_dir>/init_layers.safetensors`` (a resumed run reuses them). Each probe point
     writes ``probe_step<k>.json``, logs per-unit WER changes and churn to the Lightning loggers, and redraws the
@@ -68,13 +69,15 @@ class LayerImportanceCallback(pl.Callback, Serialization):
     def __init__(self, manifest: str | None = None, out_dir: str | None = None, every_n_epochs: int | None = None,
                  at_steps: list[int] | None = None, at_fit_end: bool = True, modes: list[str] | None = None,
                  unit: str = "block", draws: int = 1, seed: int = 0, max_utterances: int | None = None,
-                 batch_size: int = 16, ambient_rel_threshold: float = 0.10, n_ambient: int | None = None):
+                 batch_size: int = 16, ambient_rel_threshold: float = 0.10, n_ambient: int | None = None,
+                 batch_variants: int = 1):
         super().__init__()
         from nemo_layerfx.importance import ProbeConfig
 
         self.config = ProbeConfig(modes=tuple(modes or ("reinit", "rerand")), unit=unit, draws=draws, seed=seed,
                                   max_utterances=max_utterances, batch_size=batch_size,
-                                  ambient_rel_threshold=ambient_rel_threshold, n_ambient=n_ambient)
+                                  ambient_rel_threshold=ambient_rel_threshold, n_ambient=n_ambient,
+                                  batch_variants=batch_variants)
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.manifest, self.out_dir = manifest, out_dir

@@ -23,7 +23,8 @@ def test_probing_leaves_training_exactly_as_it_was(tiny_cfg, tmp_path):
     common = ["layerfx.seed=3", "trainer.max_steps=4", "trainer.max_epochs=10"]
     plain = train(tiny_cfg("conformer_gn_tiny", *common)).state_dict()
     out = tmp_path / "imp"
-    model = train(tiny_cfg("conformer_gn_tiny", *common, callback_entry(out, at_steps="[2]")))
+    model = train(tiny_cfg("conformer_gn_tiny", *common, callback_entry(out, at_steps="[2]", batch_variants=3),
+                           "exp_manager.create_tensorboard_logger=true"))
     probed = model.state_dict()
     assert all(torch.equal(plain[k], probed[k]) for k in plain), "probing changed the training run"
     cb = next(c for c in model.trainer.callbacks if isinstance(c, LayerImportanceCallback))
@@ -32,6 +33,14 @@ def test_probing_leaves_training_exactly_as_it_was(tiny_cfg, tmp_path):
     report = json.loads((out / "probe_step4.json").read_text())
     assert set(report["delta_wer"]) == {"reinit", "rerand"} and report["churn"]["block"]
     assert (out / "importance.png").stat().st_size > 1000
+    # TensorBoard got the per-unit scalars and the heatmap image at both probe points
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(model.trainer.log_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Images("importance/heatmap")] == [2, 4]
+    assert events.Images("importance/heatmap")[-1].width > 100
+    assert len(events.Scalars("importance/rerand/dwer/layers.1")) == 2
+    assert "importance/churn/block/layers.0" in events.Tags()["scalars"]
     snap = load_snapshot(out / "init_layers.safetensors")
     assert not torch.equal(snap["layers.0.feed_forward1.linear1.weight"],
                            probed["encoder.layers.0.feed_forward1.linear1.weight"])
