@@ -19,6 +19,17 @@ from nemo_layerfx.importance import (  # noqa: E402
     probe,
     save_snapshot,
 )
+from nemo_layerfx.fd import (  # noqa: E402
+    DropoutPlan,
+    ServerOptimizer,
+    aggregate,
+    choose_units,
+    expand,
+    extract,
+    mask_units_,
+    plan_param_count,
+)
+from nemo_layerfx.units import UNIT_MAP  # noqa: E402
 from nemo_layerfx.encoder import (  # noqa: E402
     GroupNormConformerEncoder,
     MaskedConformerConvolution,
@@ -29,6 +40,15 @@ from nemo_layerfx.encoder import (  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "DropoutPlan",
+    "ServerOptimizer",
+    "UNIT_MAP",
+    "aggregate",
+    "choose_units",
+    "expand",
+    "extract",
+    "mask_units_",
+    "plan_param_count",
     "GroupNormConformerEncoder",
     "LayerImportanceCallback",
     "LossHistory",

@@ -32,7 +32,7 @@ from nemo.collections.asr.parts.utils.activations import Swish
 STOCK_ENCODER_TARGET = "nemo.collections.asr.modules.ConformerEncoder"
 ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
 # Keys our encoder adds to NeMo's signature; stock NeMo rejects them, so they are dropped when exporting.
-LAYERFX_ONLY_KEYS = ("ff_hidden", "layer_n_heads", "conv_channels")
+LAYERFX_ONLY_KEYS = ("ff_hidden", "layer_n_heads", "conv_channels", "conv_groups")
 _GROUP_NORM = re.compile(r"^group_norm(\d+)$")
 
 
@@ -127,7 +127,7 @@ class MaskedConformerConvolution(nn.Module):
         channels = d_model if channels is None else channels
         if (kernel_size - 1) % 2 != 0:
             raise ValueError(f"conv_kernel_size must be odd, got {kernel_size}")
-        if channels < 1 or channels % num_groups != 0:
+        if num_groups < 1 or channels < 1 or channels % num_groups != 0:
             raise ValueError(
                 f"conv_norm_type='group_norm{num_groups}': {num_groups} groups do not divide the {channels} conv "
                 f"channels; choose G dividing {channels}"
@@ -209,6 +209,8 @@ class GroupNormConformerEncoder(ConformerEncoder):
         ff_hidden: per layer, the FFN hidden size (int) or ``[ffn1, ffn2]``; NeMo: d_model * ff_expansion_factor.
         layer_n_heads: per layer, the number of attention heads, each of width d_model / n_heads.
         conv_channels: per layer, the conv module's inner channels (a multiple of G); NeMo: d_model.
+        conv_groups: per layer, the GroupNorm group count (default G of ``conv_norm_type``). A submodel that drops
+            whole groups keeps the group size: ``conv_channels / conv_groups == d_model / G``.
 
     Example::
 
@@ -223,6 +225,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
         ff_hidden: Sequence[Any] | None = None,
         layer_n_heads: Sequence[int] | None = None,
         conv_channels: Sequence[int] | None = None,
+        conv_groups: Sequence[int] | None = None,
         **kwargs: Any,
     ):
         num_groups = parse_num_groups(conv_norm_type)
@@ -234,6 +237,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
         ff_hidden = _per_layer("ff_hidden", ff_hidden, n)
         layer_n_heads = _per_layer("layer_n_heads", layer_n_heads, n)
         conv_channels = _per_layer("conv_channels", conv_channels, n)
+        conv_groups = _per_layer("conv_groups", conv_groups, n)
         use_bias = kwargs.get("use_bias", True)
         kernel = kwargs.get("conv_kernel_size", 31)
         dropout = kwargs.get("dropout", 0.1)
@@ -247,7 +251,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
             layer.conv = MaskedConformerConvolution(
                 d_model=self.d_model,
                 kernel_size=kernel,
-                num_groups=num_groups,
+                num_groups=num_groups if conv_groups is None else int(conv_groups[i]),
                 channels=None if conv_channels is None else int(conv_channels[i]),
                 conv_context_size=self.conv_context_size,
                 use_bias=use_bias,

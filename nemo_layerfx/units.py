@@ -1,0 +1,108 @@
+"""The one place that knows how a Conformer layer's tensors map to prunable units.
+
+A *unit* is the smallest slice that can be removed from a layer while the rest stays a dense, smaller layer:
+
+- ``ffn1`` / ``ffn2``: one hidden unit of ``feed_forward{1,2}``: row i of ``linear1`` (and its bias), column i of
+  ``linear2``.
+- ``head``: one attention head: rows ``[h*d_k, (h+1)*d_k)`` of ``linear_q/k/v`` and ``linear_pos``, the same
+  columns of ``linear_out``, and row h of ``pos_bias_u/v``.
+- ``conv``: one GroupNorm *group* of the conv module: its channels c in ``pointwise_conv1`` (both GLU halves, c and
+  c + C), ``depthwise_conv``, the norm's affine parameters and column c of ``pointwise_conv2``. Whole groups keep
+  the surviving groups' statistics unchanged, so a submodel equals the full model with those groups masked.
+
+Everything else in a layer (the five LayerNorms, the output biases ``linear2.bias``, ``linear_out.bias``,
+``pointwise_conv2.bias``) has width d_model and is never sliced; ``FIXED`` lists it, and a test checks that the
+two tables together account for every tensor of a layer. Federated-dropout extraction, pruning and importance read
+this table; nothing else names layer tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+KINDS = ("ffn1", "ffn2", "head", "conv")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One tensor of a unit kind: ``path`` inside a ConformerLayer, the dimension that indexes units, and how.
+
+    rule: ``channel`` (the unit's channels), ``glu`` (its channels in both GLU halves: c and c + C) or ``unit``
+    (one row per unit, e.g. ``pos_bias_u[h]``).
+    """
+
+    path: str
+    dim: int
+    rule: str = "channel"
+
+
+def _ffn(name: str) -> tuple[Slice, ...]:
+    return (Slice(f"{name}.linear1.weight", 0), Slice(f"{name}.linear1.bias", 0), Slice(f"{name}.linear2.weight", 1))
+
+
+UNIT_MAP: dict[str, tuple[Slice, ...]] = {
+    "ffn1": _ffn("feed_forward1"),
+    "ffn2": _ffn("feed_forward2"),
+    "head": tuple(Slice(f"self_attn.linear_{p}.{t}", 0) for p in "qkv" for t in ("weight", "bias"))
+    + (Slice("self_attn.linear_pos.weight", 0), Slice("self_attn.linear_out.weight", 1),
+       Slice("self_attn.pos_bias_u", 0, "unit"), Slice("self_attn.pos_bias_v", 0, "unit")),
+    "conv": (Slice("conv.pointwise_conv1.weight", 0, "glu"), Slice("conv.pointwise_conv1.bias", 0, "glu"),
+             Slice("conv.depthwise_conv.weight", 0), Slice("conv.depthwise_conv.bias", 0),
+             Slice("conv.batch_norm.weight", 0), Slice("conv.batch_norm.bias", 0),
+             Slice("conv.pointwise_conv2.weight", 1)),
+}
+FIXED = ("norm_feed_forward1.", "norm_self_att.", "norm_conv.", "norm_feed_forward2.", "norm_out.",
+         "feed_forward1.linear2.bias", "feed_forward2.linear2.bias", "self_attn.linear_out.bias",
+         "conv.pointwise_conv2.bias")
+
+
+def n_units(layer: nn.Module, kind: str) -> int:
+    """How many units of ``kind`` the layer has now."""
+    if kind in ("ffn1", "ffn2"):
+        return getattr(layer, "feed_forward" + kind[-1]).linear1.out_features
+    if kind == "head":
+        return layer.self_attn.h
+    if kind == "conv":
+        return layer.conv.batch_norm.num_groups
+    raise ValueError(f"unknown unit kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def unit_width(layer: nn.Module, kind: str) -> int:
+    """Channels per unit: 1 for an FFN unit, d_k for a head, the group size for a conv group."""
+    if kind == "head":
+        return layer.self_attn.d_k
+    if kind == "conv":
+        return layer.conv.batch_norm.num_channels // layer.conv.batch_norm.num_groups
+    return 1
+
+
+def check_sliceable(encoder: nn.Module) -> None:
+    """Fail unless every layer is a Conformer layer whose conv norm is our group-wise GroupNorm."""
+    from nemo_layerfx.encoder import MaskedConformerConvolution
+
+    for i, layer in enumerate(getattr(encoder, "layers", [])):
+        if not isinstance(getattr(layer, "conv", None), MaskedConformerConvolution):
+            raise ValueError(
+                f"encoder layer {i} has a {type(getattr(layer, 'conv', None)).__name__} conv module; only "
+                f"GroupNormConformerEncoder layers can be sliced (a BatchNorm or LayerNorm conv norm has no "
+                f"groups to drop): convert the model with `layerfx convert-norm` first")
+        if getattr(layer.self_attn, "linear_q", None) is None:
+            raise ValueError(f"encoder layer {i}: attention without linear_q/k/v projections cannot be sliced")
+
+
+def layer_tensor_index(layer: nn.Module, kind: str, units: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
+    """For kept unit indices ``units`` of ``kind``: tensor path -> (dim, indices along dim) inside the layer."""
+    width = unit_width(layer, kind)
+    channels = (units[:, None] * width + torch.arange(width)).reshape(-1)
+    total = n_units(layer, kind) * width
+    own = dict(layer.named_parameters())
+    out = {}
+    for s in UNIT_MAP[kind]:
+        if s.path not in own:  # e.g. linear_pos only exists with rel_pos attention, biases with use_bias
+            continue
+        idx = {"channel": channels, "glu": torch.cat([channels, channels + total]), "unit": units}[s.rule]
+        out[s.path] = (s.dim, idx)
+    return out
