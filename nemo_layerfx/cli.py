@@ -4,6 +4,8 @@
     layerfx convert-norm pretrained.nemo pretrained_gn.nemo --groups 8
     layerfx probe model.nemo --manifest dev_manifest.json --mode rerand --draws 3
     layerfx compare runs/a/probe.json runs/b/probe.json
+    layerfx extract model.nemo client.nemo --rate 0.5 --kinds ffn head conv --seed 3
+    layerfx fl --config-name fd_ambient model=runs/pretrained.nemo plan.report=runs/probe/probe.json
 """
 
 from __future__ import annotations
@@ -66,6 +68,47 @@ def _probe(args: argparse.Namespace) -> int:
     plot_report(report, out / "probe.png")
     print(report.table())
     print(f"wrote {out / 'probe.json'} and {out / 'probe.png'}")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nemo_layerfx.convert import restore
+    from nemo_layerfx.fd import DropoutPlan, extract
+
+    if Path(args.output).resolve() == Path(args.model).resolve():
+        raise ValueError(f"refusing to overwrite the input model {args.model}; give a different output path")
+    model = restore(args.model)
+    n = len(model.encoder.layers)
+    if args.report:
+        plan = DropoutPlan.targeted(args.report, n=args.n, rate=args.rate, base_rate=args.base_rate,
+                                    target=args.target, kinds=tuple(args.kinds))
+    else:
+        plan = DropoutPlan.flat(n, args.rate, kinds=tuple(args.kinds))
+    sub, units = extract(model, plan, seed=args.seed)
+    full, small = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in sub.parameters())
+    tmp = Path(args.output).with_suffix(".tmp.nemo")
+    sub.save_to(str(tmp))
+    tmp.replace(args.output)
+    print(f"{plan.label}: {small:,} of {full:,} parameters ({small / full:.1%}); wrote {args.output}")
+    return 0
+
+
+def _fl(args: argparse.Namespace) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from nemo_layerfx.fl import FLConfig, simulate
+    from nemo_layerfx.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=f"{CONF_DIR}/federated", version_base=None):
+        cfg = compose(config_name=args.config_name, overrides=args.overrides)
+    result = simulate(FLConfig.from_mapping(cfg))
+    for row in result["rounds"]:
+        dropped = "; ".join(f"client {d['client']}: {d['reason']}" for d in row.get("dropped", []))
+        print(f"round {row['round']}: dev WER {row['dev_wer']:.4f}  clients {len(row.get('clients', []))}"
+              + (f"  dropped: {dropped}" if dropped else ""))
+    print(f"checkpoint: {result['checkpoint']}")
     return 0
 
 
@@ -138,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", default="runs/probe", help="folder for probe.json and probe.png")
     pr.set_defaults(func=_probe)
 
+    ex = sub.add_parser("extract", help="a federated-dropout submodel of a GroupNorm Conformer .nemo, as a .nemo",
+                        epilog="example: layerfx extract model.nemo client.nemo --rate 0.5 --kinds ffn head conv",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("model", help="a GroupNorm Conformer .nemo (never modified)")
+    ex.add_argument("output", help="where to write the submodel .nemo")
+    ex.add_argument("--rate", type=float, default=0.5, help="dropout rate (fraction of units dropped)")
+    ex.add_argument("--kinds", nargs="+", default=["ffn"], choices=["ffn", "head", "conv"])
+    ex.add_argument("--report", default=None, help="a probe.json: apply --rate to --n targeted layers only")
+    ex.add_argument("--target", default="ambient", choices=["ambient", "critical"])
+    ex.add_argument("--n", type=int, default=2)
+    ex.add_argument("--base-rate", type=float, default=0.0, help="with --report: the rate on the other layers")
+    ex.add_argument("--seed", type=int, default=0, help="which units are kept")
+    ex.set_defaults(func=_extract)
+
+    fl = sub.add_parser("fl", help="federated dropout on Flower's simulation engine (conf/federated/*.yaml)",
+                        epilog="example: layerfx fl --config-name fd_flat model=runs/pretrained.nemo rounds=5")
+    fl.add_argument("--config-name", default="fd_flat", help="fd_flat, fd_ambient, fd_critical or your own")
+    fl.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. plan.rate=0.3 num_clients=8")
+    fl.set_defaults(func=_fl)
+
     cp = sub.add_parser("compare", help="agreement of layer rankings across probe reports",
                         epilog="example: layerfx compare runs/seed0/probe.json runs/seed1/probe.json --top-n 2")
     cp.add_argument("reports", nargs="+", help="probe.json files of `layerfx probe` or the callback")
@@ -152,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"layerfx {args.command}: error: {e}", file=sys.stderr)
         return 2
 

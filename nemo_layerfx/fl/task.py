@@ -1,0 +1,237 @@
+"""Everything a federated-dropout run does that is not Flower: config, data, local training, evaluation, checkpoints.
+
+Imports no ``flwr``, so it is usable and testable without Flower (Flower's quickstart keeps ``task.py`` the same way).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_layerfx.fd import DropoutPlan
+
+log = logging.getLogger("nemo_layerfx.fl")
+FAULTS = ("crash", "nan", "shape")
+FAULT_KEY = re.compile(r"client(\d+)(_round\d+)?")
+
+
+@dataclass
+class FLConfig:
+    """One federated-dropout run (``conf/federated/*.yaml`` holds these fields; ``layerfx fl`` composes them).
+
+    model: the global model, a Conformer ``.nemo`` with our GroupNorm encoder (clients hold it too: it gives them
+        the architecture and tokenizer; each round they receive only their submodel's weights).
+    corpus: a ``layerfx make-corpus`` folder; each ``clients/<speaker>.json`` is one client (non-IID by speaker),
+        ``dev_manifest.json`` scores the global model after every round.
+    plan: how clients are shrunk. ``type``: flat | ambient | critical | explicit; ``rate`` (the dropout rate on the
+        targeted layers, or every layer for flat), ``base_rate`` (all other layers), ``n`` (targeted layers),
+        ``kinds`` (ffn, head, conv), ``report`` (a block-level probe.json, for ambient / critical), ``rates``
+        (explicit: kind -> per-layer rates).
+    """
+
+    model: str
+    corpus: str
+    out: str = "runs/fl"
+    rounds: int = 3
+    num_clients: int | None = None  # the first n speakers (sorted); None: every client manifest
+    local_steps: int = 5  # E local SGD steps per client and round
+    batch_size: int = 8
+    client_lr: float = 0.05  # client SGD (Guliani: SGD on clients, Adam on the server)
+    plan: dict[str, Any] = field(default_factory=lambda: {"type": "flat", "rate": 0.0, "kinds": ["ffn"]})
+    mapping: str = "pcpr"  # pcpr: units per client per round; pr: per round
+    rule: str = "zero_fill"  # zero_fill (Guliani/FP) or coverage (HeteroFL)
+    server_opt: str = "fedavg"  # fedavg or fedadam
+    server_lr: float = 1.0
+    seed: int = 0
+    dev_max_utterances: int | None = None
+    accelerator: str = "cpu"  # clients' Lightning accelerator
+    client_cpus: float = 1.0  # simulation: CPU cores per client actor (2 clients train at once on 2 cores)
+    faults: dict[str, str] = field(default_factory=dict)  # testing: client<i>[_round<r>] -> crash | nan | shape
+    resume: bool = True  # continue from out/checkpoint.pt when it exists
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
+            raise ValueError("rounds, local_steps and batch_size must be >= 1")
+        if self.client_lr <= 0:
+            raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
+        bad = {k: v for k, v in self.faults.items() if v not in FAULTS or not FAULT_KEY.fullmatch(k)}
+        if bad:
+            raise ValueError(f"bad fault(s) {bad}: keys are client<i> or client<i>_round<r>, values "
+                             f"{', '.join(FAULTS)}")
+
+    def fault(self, client: int, server_round: int) -> str | None:
+        """The fault configured for this client in this round (testing the server's fault handling)."""
+        return self.faults.get(f"client{client}_round{server_round}", self.faults.get(f"client{client}"))
+
+    @classmethod
+    def from_mapping(cls, d: Any) -> FLConfig:
+        """From a dict, an OmegaConf node or a Flower run config (kebab-case keys are accepted)."""
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(d, DictConfig):
+            missing = sorted(OmegaConf.missing_keys(d))
+            if missing:
+                raise ValueError(f"federated config: {', '.join(missing)} not set (e.g. layerfx fl "
+                                 f"{' '.join(m + '=...' for m in missing)})")
+            d = OmegaConf.to_container(d, resolve=True)
+        d = {k.replace("-", "_"): v for k, v in dict(d).items()}
+        for k in ("plan", "faults"):
+            if isinstance(d.get(k), str):  # Flower run configs are flat: nested values travel as JSON
+                d[k] = json.loads(d[k])
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown federated config key(s) {unknown}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Flat, Flower-friendly form (nested values as JSON; None dropped)."""
+        return {k: json.dumps(v) if isinstance(v, dict) else v for k, v in asdict(self).items() if v is not None}
+
+
+def client_manifests(cfg: FLConfig) -> list[Path]:
+    """The client manifests, one per speaker, in a fixed order (partition id i is the i-th)."""
+    folder = Path(cfg.corpus) / "clients"
+    paths = sorted(folder.glob("*.json"))
+    if not paths:
+        raise FileNotFoundError(f"no client manifests in {folder} (make one with `layerfx make-corpus`)")
+    if cfg.num_clients is not None:
+        if not 1 <= cfg.num_clients <= len(paths):
+            raise ValueError(f"num_clients={cfg.num_clients}, but {folder} has {len(paths)} client manifests")
+        paths = paths[: cfg.num_clients]
+    return paths
+
+
+def make_plan(cfg: FLConfig, n_layers: int) -> DropoutPlan:
+    """The run's DropoutPlan from ``cfg.plan``."""
+    p = dict(cfg.plan)
+    kind, label = p.pop("type", "flat"), p.pop("label", None)
+    kinds = tuple(p.pop("kinds", ["ffn"]))
+    if kind == "flat":
+        plan = DropoutPlan.flat(n_layers, float(p.get("rate", 0.0)), kinds=kinds, mapping=cfg.mapping)
+    elif kind in ("ambient", "critical"):
+        if not p.get("report"):
+            raise ValueError(f"plan type {kind!r} needs plan.report: a block-level probe.json of the global model")
+        plan = DropoutPlan.targeted(p["report"], n=int(p["n"]), rate=float(p["rate"]),
+                                    base_rate=float(p.get("base_rate", 0.0)), target=kind, kinds=kinds,
+                                    mapping=cfg.mapping)
+    elif kind == "explicit":
+        plan = DropoutPlan(p["rates"], mapping=cfg.mapping, label="explicit")
+    else:
+        raise ValueError(f"unknown plan type {kind!r}; choose flat, ambient, critical or explicit")
+    plan.label = label or plan.label
+    return plan
+
+
+def check_run(cfg: FLConfig) -> None:
+    """Every input of a run checked before any round starts: model, plan (and its report), corpus, rule, optimizer."""
+    from nemo_layerfx.fd import RULES, ServerOptimizer, choose_units
+    from nemo_layerfx.importance import conformer_encoder
+
+    if not Path(cfg.model).is_file():
+        raise FileNotFoundError(f"no such global model: {cfg.model}")
+    model = base_model(cfg.model)
+    plan = make_plan(cfg, len(conformer_encoder(model).layers))
+    choose_units(model, plan, cfg.seed)  # the plan fits the model and its encoder can be sliced
+    clients = client_manifests(cfg)
+    if not (Path(cfg.corpus) / "dev_manifest.json").is_file():
+        raise FileNotFoundError(f"no dev manifest in {cfg.corpus} (the global model is scored on it)")
+    if cfg.rule not in RULES:
+        raise ValueError(f"unknown aggregation rule {cfg.rule!r}; choose zero_fill or coverage")
+    ServerOptimizer(cfg.server_opt, lr=cfg.server_lr)
+    for key in cfg.faults:
+        if int(FAULT_KEY.fullmatch(key).group(1)) >= len(clients):
+            raise ValueError(f"fault for client {key} but the run has {len(clients)} clients")
+
+
+@functools.lru_cache(maxsize=2)
+def base_model(path: str):
+    """The global architecture, restored once per process (a client reuses it every round; never modified)."""
+    from nemo_layerfx.convert import restore
+
+    return restore(path).eval()
+
+
+def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int) -> tuple[int, float]:
+    """E local SGD steps on one client's manifest with NeMo's own training step and loss; (examples, last loss)."""
+    import lightning.pytorch as pl
+    from omegaconf import open_dict
+
+    pl.seed_everything(seed, workers=True, verbose=False)
+    with open_dict(sub._cfg):
+        sub._cfg.optim = {"name": "sgd", "lr": cfg.client_lr}
+    sub.setup_training_data({"manifest_filepath": str(manifest), "sample_rate": sub._cfg.sample_rate,
+                             "batch_size": cfg.batch_size, "shuffle": True, "num_workers": 0})
+    losses: list[float] = []
+
+    class _Last(pl.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            losses.append(float(loss))
+
+    trainer = pl.Trainer(max_steps=cfg.local_steps, max_epochs=10_000, accelerator=cfg.accelerator, devices=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[_Last()])
+    sub.set_trainer(trainer)
+    trainer.fit(sub)
+    sub.cpu()
+    n = sum(1 for line in Path(manifest).read_text().splitlines() if line.strip())
+    return n, losses[-1] if losses else math.nan
+
+
+@torch.no_grad()
+def evaluate_wer(model, manifest: str | Path, max_utterances: int | None = None, batch_size: int = 16) -> float:
+    """Greedy WER of ``model`` on a manifest (CTC, RNNT or hybrid), in eval mode."""
+    from nemo_layerfx.importance import audio_batches, decode, read_manifest, wer
+
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hyps, refs = [], []
+    try:
+        for audio, lengths, texts in audio_batches(read_manifest(manifest, max_utterances), batch_size,
+                                                   model._cfg.sample_rate, device):
+            feats, flen = model.preprocessor(input_signal=audio, length=lengths)
+            enc, enc_len = model.encoder(audio_signal=feats, length=flen)
+            hyps += decode(model, enc, enc_len)
+            refs += texts
+    finally:
+        model.train(was)
+    return wer(hyps, refs)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+def save_checkpoint(out: Path, state: dict[str, Any]) -> None:
+    """Write ``out/checkpoint.pt`` atomically (temporary file + rename): a kill leaves the previous one intact."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "checkpoint.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, out / "checkpoint.pt")
+
+
+def load_checkpoint(out: Path, cfg: FLConfig) -> dict[str, Any] | None:
+    """The last completed round's state, or None; clear errors for a corrupt file or a different run's config."""
+    path = out / "checkpoint.pt"
+    if not cfg.resume or not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"federated checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to start "
+                         f"over, or restore a backup") from e
+    saved = state.get("config", {})
+    for key in ("model", "plan", "mapping", "rule", "server_opt", "seed", "num_clients", "local_steps"):
+        if saved.get(key) != asdict(cfg).get(key):
+            raise ValueError(f"{path} belongs to a run with {key}={saved.get(key)!r}, this run has "
+                             f"{key}={asdict(cfg).get(key)!r}; use another out folder or resume=false")
+    return state
