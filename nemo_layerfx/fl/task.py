@@ -63,6 +63,8 @@ class FLConfig:
             raise ValueError("rounds, local_steps and batch_size must be >= 1")
         if self.client_lr <= 0:
             raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
+        # YAML reads an unquoted nan as a float
+        self.faults = {str(k): "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in self.faults.items()}
         bad = {k: v for k, v in self.faults.items() if v not in FAULTS or not FAULT_KEY.fullmatch(k)}
         if bad:
             raise ValueError(f"bad fault(s) {bad}: keys are client<i> or client<i>_round<r>, values "

@@ -1,0 +1,141 @@
+"""Federated dropout on Flower's simulation engine: real NeMo clients, faults, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import nemo_layerfx  # noqa: F401
+from nemo_layerfx.convert import restore
+from nemo_layerfx.fl.task import FLConfig, check_run, load_checkpoint, save_checkpoint
+from nemo_layerfx.train import model_class
+
+REPO = Path(__file__).resolve().parents[1]
+FAULTS = ["++faults={client0_round2: crash, client1_round1: nan, client2_round3: shape}"]
+
+
+@pytest.fixture
+def global_nemo(tiny_cfg, tmp_path) -> Path:
+    cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.n_heads=4")
+    torch.manual_seed(0)
+    path = tmp_path / "global.nemo"
+    model_class(cfg)(cfg=cfg.model).save_to(str(path))
+    return path
+
+
+def fl_command(model: Path, corpus: Path, out: Path, rounds: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "nemo_layerfx.cli", "fl", "--config-name", "fd_flat", f"model={model}",
+            f"corpus={corpus}", f"out={out}", f"rounds={rounds}", "num_clients=3", "local_steps=2", "batch_size=4",
+            "dev_max_utterances=6", "plan.rate=0.5", "plan.kinds=[ffn,head,conv]", "server_opt=fedadam",
+            "server_lr=0.01", *extra]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_federated_run_drops_faulty_clients_and_a_killed_run_resumes_to_the_same_weights(global_nemo, corpus,
+                                                                                        tmp_path):
+    # 1. uninterrupted: 3 rounds, 3 speaker clients, one fault per round
+    whole = tmp_path / "whole"
+    done = run(fl_command(global_nemo, corpus, whole, 3, *FAULTS))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    history = rows(whole)
+    assert [r["round"] for r in history] == [0, 1, 2, 3]
+    assert [[d["client"] for d in r["dropped"]] for r in history[1:]] == [[1], [0], [2]]
+    reasons = [r["dropped"][0]["reason"] for r in history[1:]]
+    assert reasons[0].startswith("non-finite values in encoder.layers.0.feed_forward1.linear1.weight")
+    assert "crashed in round 2" in reasons[1]
+    assert reasons[2].startswith("wrong shape for encoder.layers.0.feed_forward1.linear1.weight")
+    assert all(len(r["clients"]) == 2 for r in history[1:])  # the other clients were aggregated
+    client = history[1]["clients"][0]
+    assert client["bytes_up"] == client["bytes_down"] > 0 and client["examples"] > 0
+    assert all(0.0 <= r["dev_wer"] for r in history)
+    assert "round 3: dev WER" in done.stdout
+    final = torch.load(whole / "checkpoint.pt", weights_only=True)
+    assert final["round"] == 3
+    start = restore(global_nemo).state_dict()
+    moved = [k for k in start if "encoder.layers" in k and not torch.equal(start[k], final["global"][k])]
+    assert moved, "three rounds of federated training left the global encoder unchanged"
+
+    # 2. the same run killed (SIGKILL, whole process group) once round 1 is checkpointed, then resumed
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(fl_command(global_nemo, corpus, killed, 3, *FAULTS), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "metrics.jsonl").is_file() and len(rows(killed)) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["round"]
+    assert 1 <= at_kill < 3, f"the kill came too late (round {at_kill} was checkpointed)"
+    resumed = run(fl_command(global_nemo, corpus, killed, 3, *FAULTS))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    again = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert again["round"] == 3
+    assert all(torch.equal(final["global"][k], again["global"][k]) for k in final["global"]), \
+        "the resumed run did not reach the uninterrupted run's weights"
+    assert [r["round"] for r in rows(killed)] == [0, 1, 2, 3]
+    assert [r["dev_wer"] for r in rows(killed)] == [r["dev_wer"] for r in history]
+
+
+@pytest.mark.integration
+def test_bad_federated_inputs_fail_before_any_round(global_nemo, corpus, tmp_path, tiny_cfg):
+    base = dict(model=str(global_nemo), corpus=str(corpus), out=str(tmp_path / "out"), num_clients=2)
+    with pytest.raises(FileNotFoundError, match="no such global model"):
+        check_run(FLConfig(**{**base, "model": str(tmp_path / "missing.nemo")}))
+    with pytest.raises(ValueError, match=r"flat rate|rates are fractions dropped, in \[0, 1\)"):
+        check_run(FLConfig(**base, plan={"type": "flat", "rate": 1.0, "kinds": ["ffn"]}))
+    report = tmp_path / "probe.json"
+    report.write_text(json.dumps({"units": [f"layers.{i}" for i in range(5)], "delta_wer": {"rerand": [0.1] * 5}}))
+    with pytest.raises(ValueError, match="rates for 5 layers but the encoder has n_layers=2"):
+        check_run(FLConfig(**base, plan={"type": "ambient", "n": 2, "rate": 0.5, "report": str(report)}))
+    with pytest.raises(ValueError, match="num_clients=9, but .* has 4 client manifests"):
+        check_run(FLConfig(**{**base, "num_clients": 9}))
+    with pytest.raises(ValueError, match="bad fault"):
+        FLConfig(**base, faults={"client0": "explode"})
+    with pytest.raises(ValueError, match="unknown aggregation rule 'median'"):
+        check_run(FLConfig(**base, rule="median"))
+    bn = tiny_cfg("conformer_gn_tiny", "model.encoder._target_=nemo.collections.asr.modules.ConformerEncoder",
+                  "model.encoder.conv_norm_type=batch_norm")
+    model_class(bn)(cfg=bn.model).save_to(str(tmp_path / "bn.nemo"))
+    with pytest.raises(ValueError, match="only GroupNormConformerEncoder layers can be sliced"):
+        check_run(FLConfig(**{**base, "model": str(tmp_path / "bn.nemo")}))
+    # a corrupt checkpoint, and one from another run, are refused by name
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt is corrupt"):
+        load_checkpoint(out, FLConfig(**base))
+    cfg = FLConfig(**base)
+    save_checkpoint(out, {"round": 1, "config": {**cfg.__dict__, "seed": 5}})
+    with pytest.raises(ValueError, match="belongs to a run with seed=5, this run has seed=0"):
+        load_checkpoint(out, cfg)
+    result = run([sys.executable, "-m", "nemo_layerfx.cli", "fl", f"corpus={corpus}"])
+    assert result.returncode == 2 and "model not set" in result.stderr
+
+
+@pytest.mark.unit
+def test_core_runs_without_flower():
+    code = ("import sys; sys.modules['flwr'] = None\n"
+            "import nemo_layerfx, nemo_layerfx.fd, nemo_layerfx.fl.task\n"
+            "from nemo_layerfx.fl import simulate, FLConfig\n"
+            "try:\n    simulate(FLConfig(model='m.nemo', corpus='c'))\n"
+            "except ImportError as e:\n    print('IMPORT', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert "IMPORT federated runs need Flower: pip install 'nemo_layerfx[federated]'" in out.stdout, out.stderr[-2000:]
