@@ -108,7 +108,7 @@ def _fl(args: argparse.Namespace) -> int:
         dropped = "; ".join(f"client {d['client']}: {d['reason']}" for d in row.get("dropped", []))
         print(f"round {row['round']}: dev WER {row['dev_wer']:.4f}  clients {len(row.get('clients', []))}"
               + (f"  dropped: {dropped}" if dropped else ""))
-    print(f"checkpoint: {result['checkpoint']}")
+    print(f"checkpoint: {result['checkpoint']}  metrics: {result['plot']}")
     return 0
 
 

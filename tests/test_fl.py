@@ -65,11 +65,14 @@ def test_federated_run_drops_faulty_clients_and_a_killed_run_resumes_to_the_same
     assert client["bytes_up"] == client["bytes_down"] > 0 and client["examples"] > 0
     assert all(0.0 <= r["dev_wer"] for r in history)
     assert "round 3: dev WER" in done.stdout
+    assert (whole / "metrics.png").stat().st_size > 5000
+    trained = restore(whole / "global.nemo").state_dict()
     final = torch.load(whole / "checkpoint.pt", weights_only=True)
     assert final["round"] == 3
     start = restore(global_nemo).state_dict()
     moved = [k for k in start if "encoder.layers" in k and not torch.equal(start[k], final["global"][k])]
     assert moved, "three rounds of federated training left the global encoder unchanged"
+    assert all(torch.equal(trained[k], final["global"][k]) for k in trained)  # global.nemo = last checkpoint
 
     # 2. the same run killed (SIGKILL, whole process group) once round 1 is checkpointed, then resumed
     killed = tmp_path / "killed"

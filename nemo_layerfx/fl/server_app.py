@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -18,6 +20,9 @@ def run_server(grid: Grid, cfg: FLConfig) -> FedDropout:
     strategy.learn_partitions(grid)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(strategy.model.state_dict()),
                    num_rounds=cfg.rounds - strategy.done, evaluate_fn=strategy.evaluate_global)
+    final = Path(cfg.out) / "global.nemo"  # the trained global model, written atomically
+    strategy.model.save_to(str(final.with_suffix(".tmp.nemo")))
+    final.with_suffix(".tmp.nemo").replace(final)
     return strategy
 
 

@@ -237,3 +237,30 @@ def load_checkpoint(out: Path, cfg: FLConfig) -> dict[str, Any] | None:
             raise ValueError(f"{path} belongs to a run with {key}={saved.get(key)!r}, this run has "
                              f"{key}={asdict(cfg).get(key)!r}; use another out folder or resume=false")
     return state
+
+
+def plot_metrics(out: str | Path) -> Path:
+    """``out/metrics.png``: dev WER of the global model per round, and the bytes each way per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot([r["round"] for r in rows], [r["dev_wer"] for r in rows], marker="o")
+    a.set_xlabel("round")
+    a.set_ylabel("dev WER (global model)")
+    trained = [r for r in rows if r.get("clients")]
+    b.bar([r["round"] - 0.2 for r in trained], [sum(c["bytes_down"] for c in r["clients"]) / 1e6 for r in trained],
+          width=0.4, label="to clients")
+    b.bar([r["round"] + 0.2 for r in trained], [sum(c["bytes_up"] for c in r["clients"]) / 1e6 for r in trained],
+          width=0.4, label="from clients")
+    b.set_xlabel("round")
+    b.set_ylabel("MB (aggregated clients)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=110)
+    plt.close(fig)
+    return out / "metrics.png"
