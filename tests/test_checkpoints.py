@@ -12,13 +12,11 @@ import soundfile as sf
 import torch
 from omegaconf import OmegaConf, open_dict
 
-import nemo_layerfx
+import nemo_layerfx  # noqa: F401  (registers the plugin)
 from nemo.collections.asr.models import ASRModel, EncDecCTCModelBPE, EncDecRNNTBPEModel
 from nemo_layerfx import cli
 from nemo_layerfx.convert import restore
 from nemo_layerfx.encoder import GroupNormConformerEncoder, stock_encoder_config
-
-from conftest import REPO
 
 
 def dev_batch(corpus, n=3):
@@ -114,7 +112,7 @@ try:
     print("RESTORED-WITHOUT-PLUGIN")
 except Exception as e:
     print("REFUSED", type(e).__name__)
-import nemo_layerfx
+import nemo_layerfx  # noqa: F401  (registers the plugin)
 m = ASRModel.restore_from({str(path)!r}, map_location="cpu")
 print("RESTORED", type(m.encoder).__name__)
 """

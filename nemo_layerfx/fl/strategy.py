@@ -21,8 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from nemo_layerfx.fd import (
-    ServerOptimizer, aggregate, choose_units, plan_param_count, slice_state, tensor_index, unit_seed,
-    units_from_lists, units_to_lists,
+    ServerOptimizer, aggregate, choose_units, plan_param_count, slice_state, tensor_index, unit_seed, units_to_lists,
 )
 from nemo_layerfx.fl.task import FLConfig, base_model, evaluate_wer, load_checkpoint, log, make_plan, save_checkpoint
 
@@ -68,6 +67,9 @@ class FedDropout(FedAvg):
         state = self.model.state_dict()
         messages, self._sent = [], {}
         for node in sorted(grid.get_node_ids(), key=lambda n: self.partition.get(n, n)):
+            if node not in self.partition:  # joined after the partition query (deployments): next run
+                log.warning("round %d: node %d has no known partition id; not sent a submodel", rnd, node)
+                continue
             client = self.partition[node]
             units = choose_units(self.model, self.plan, unit_seed(self.cfg.seed, rnd, client, self.plan.mapping))
             sub_state = {k: v.contiguous() for k, v in slice_state(state, tensor_index(self.model, units)).items()}
