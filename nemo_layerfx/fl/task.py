@@ -46,6 +46,7 @@ class FLConfig:
     local_steps: int = 5  # E local SGD steps per client and round
     batch_size: int = 8
     client_lr: float = 0.05  # client SGD (Guliani: SGD on clients, Adam on the server)
+    clip_grad: float | None = 1.0  # clients clip the gradient norm (CTC/RNNT losses are sums over frames)
     plan: dict[str, Any] = field(default_factory=lambda: {"type": "flat", "rate": 0.0, "kinds": ["ffn"]})
     mapping: str = "pcpr"  # pcpr: units per client per round; pr: per round
     rule: str = "zero_fill"  # zero_fill (Guliani/FP) or coverage (HeteroFL)
@@ -183,7 +184,7 @@ def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int) -> tuple
     trainer = pl.Trainer(max_steps=cfg.local_steps, max_epochs=10_000, accelerator=cfg.accelerator, devices=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[_Last()])
+                         gradient_clip_val=cfg.clip_grad, callbacks=[_Last()])
     sub.set_trainer(trainer)
     trainer.fit(sub)
     sub.cpu()
