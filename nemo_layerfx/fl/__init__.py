@@ -22,7 +22,7 @@ def simulate(cfg: FLConfig) -> dict:
         raise ImportError("federated runs need Flower: pip install 'nemo_layerfx[federated]'") from e
     from nemo_layerfx.fl.client_app import make_client_app
     from nemo_layerfx.fl.server_app import make_server_app
-    from nemo_layerfx.fl.task import check_run, client_manifests, plot_metrics
+    from nemo_layerfx.fl.task import check_run, client_manifests
 
     # Ray workers may start elsewhere: every path absolute
     cfg = replace(cfg, model=str(Path(cfg.model).resolve()), corpus=str(Path(cfg.corpus).resolve()),
@@ -39,7 +39,7 @@ def simulate(cfg: FLConfig) -> dict:
     if not rows or rows[-1]["round"] != cfg.rounds:
         raise RuntimeError(f"the federated run stopped before round {cfg.rounds}; see the log above "
                            f"(last completed: {rows[-1]['round'] if rows else 'none'})")
-    return {"rounds": rows, "checkpoint": str(out / "checkpoint.pt"), "plot": str(plot_metrics(out))}
+    return {"rounds": rows, "checkpoint": str(out / "checkpoint.pt"), "plot": str(out / "metrics.png")}
 
 
 __all__ = ["FLConfig", "simulate"]

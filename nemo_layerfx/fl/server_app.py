@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from nemo_layerfx.fl.strategy import FedDropout
-from nemo_layerfx.fl.task import FLConfig, log
+from nemo_layerfx.fl.task import FLConfig, log, plot_metrics
 
 
 def run_server(grid: Grid, cfg: FLConfig) -> FedDropout:
@@ -23,6 +23,7 @@ def run_server(grid: Grid, cfg: FLConfig) -> FedDropout:
     final = Path(cfg.out) / "global.nemo"  # the trained global model, written atomically
     strategy.model.save_to(str(final.with_suffix(".tmp.nemo")))
     final.with_suffix(".tmp.nemo").replace(final)
+    plot_metrics(cfg.out)
     return strategy
 
 
