@@ -23,6 +23,7 @@ import torch
 from nemo.utils import logging
 
 import nemo_layerfx
+from nemo_layerfx.convert import restore
 from nemo_layerfx.fl import FLConfig, simulate
 from nemo_layerfx.importance import ProbeConfig, probe
 from nemo_layerfx.train import compose_config, train
@@ -57,22 +58,56 @@ def split_corpus(corpus: Path, work: Path, clients: int) -> tuple[Path, Path]:
     return pretrain, fl
 
 
-def plans(n_layers: int, report: Path) -> dict[str, dict]:
-    """FFN dropout plans at one dropped fraction: (2 x 0.5 + (N - 2) x 0.1) / N (0.2 at 8 layers)."""
-    flat = (2 * 0.5 + (n_layers - 2) * 0.1) / n_layers
-    targeted = {"n": 2, "rate": 0.5, "base_rate": 0.1, "report": str(report), "kinds": ["ffn"]}
-    return {"no FD": {"type": "flat", "rate": 0.0, "kinds": ["ffn"]},
-            f"Flat {flat:.0%}": {"type": "flat", "rate": flat, "kinds": ["ffn"]},
+def plans(n_layers: int, report: Path, rate: float = 0.5, base_rate: float = 0.1,
+          kinds: tuple[str, ...] = ("ffn",)) -> dict[str, dict]:
+    """Dropout plans at one dropped fraction: (2 x rate + (N - 2) x base_rate) / N (0.2 at 8 layers, defaults)."""
+    flat = (2 * rate + (n_layers - 2) * base_rate) / n_layers
+    targeted = {"n": 2, "rate": rate, "base_rate": base_rate, "report": str(report), "kinds": list(kinds)}
+    return {"no FD": {"type": "flat", "rate": 0.0, "kinds": list(kinds)},
+            f"Flat {flat:.0%}": {"type": "flat", "rate": flat, "kinds": list(kinds)},
             "Amb-2": {"type": "ambient", **targeted}, "Crit-2": {"type": "critical", **targeted}}
 
 
+def variant(args: argparse.Namespace) -> str:
+    """'' for the default plans (50 % / 10 %, FFN), else a tag naming the rates and kinds, e.g. '_r75b10-ffn-conv'."""
+    if (args.rate, args.base_rate, tuple(args.kinds)) == (0.5, 0.1, ("ffn",)):
+        return ""
+    return f"_r{round(args.rate * 100)}b{round(args.base_rate * 100)}-{'-'.join(args.kinds)}"
+
+
 def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
-    run = out / "runs" / f"fd_L{args.layers}_seed{seed}"
+    base = out / "runs" / f"fd_L{args.layers}_seed{seed}"
+    run = out / "runs" / f"fd_L{args.layers}{variant(args)}_seed{seed}"
     if (run / "result.json").is_file():
         print(f"seed {seed}: kept {run / 'result.json'}")
         return
     t0 = time.perf_counter()
     pretrain, fl = split_corpus(Path(args.corpus), run, args.clients)
+    if run != base and (base / "result.json").is_file():  # a variant reuses the seed's pretrained model and probe
+        pretrained = base / "pretrained.nemo"
+        model = restore(pretrained)
+        (run / "probe.json").write_text((base / "probe.json").read_text())
+        print(f"seed {seed}: pretrained model and probe from {base}", flush=True)
+    else:
+        pretrained = run / "pretrained.nemo"
+        model = pretrain_and_probe(args, seed, run, pretrain, fl)
+    result = {"seed": seed, "layers": args.layers, "probe": json.loads((run / "probe.json").read_text()), "plans": {}}
+    for name, spec in plans(args.layers, run / "probe.json", args.rate, args.base_rate, tuple(args.kinds)).items():
+        if name == "no FD" and pretrained.parent == base:  # no dropout is the same run whatever the kinds
+            result["plans"][name] = json.loads((base / "result.json").read_text())["plans"][name]
+            continue
+        res = simulate(FLConfig(model=str(pretrained), corpus=str(fl), out=str(run / "fl" / name), rounds=args.rounds, local_steps=args.local_steps, batch_size=8, client_lr=0.1,
+                                clip_grad=1.0, plan=spec, seed=seed, resume=False))
+        full = sum(q.numel() for q in model.parameters())
+        result["plans"][name] = {"spec": spec, "wer": [r["dev_wer"] for r in res["rounds"]],
+                                 "client_params": res["rounds"][-1]["clients"][0]["params"] / full}
+        print(f"seed {seed} {name}: WER per round {[round(w, 4) for w in result['plans'][name]['wer']]}", flush=True)
+    result["seconds"] = round(time.perf_counter() - t0)
+    (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def pretrain_and_probe(args: argparse.Namespace, seed: int, run: Path, pretrain: Path, fl: Path) -> torch.nn.Module:
+    """Train the seed's model on the pretraining speakers, save it as run/pretrained.nemo, probe it on dev."""
     cfg = compose_config("conformer_gn_tiny", [
         f"corpus_dir={Path(args.corpus).resolve()}", f"model.train_ds.manifest_filepath={pretrain}",
         f"model.encoder.n_layers={args.layers}", f"layerfx.seed={seed}", f"trainer.max_epochs={args.epochs}",
@@ -83,30 +118,24 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
     report = probe(model, fl / "dev_manifest.json", ProbeConfig(modes=("rerand",), draws=args.draws, seed=seed))
     report.to_json(run / "probe.json")
     print(report.table(), flush=True)
-    result = {"seed": seed, "layers": args.layers, "probe": json.loads((run / "probe.json").read_text()), "plans": {}}
-    for name, spec in plans(args.layers, run / "probe.json").items():
-        res = simulate(FLConfig(model=str(run / "pretrained.nemo"), corpus=str(fl), out=str(run / "fl" / name),
-                                rounds=args.rounds, local_steps=args.local_steps, batch_size=8, client_lr=0.1,
-                                clip_grad=1.0, plan=spec, seed=seed, resume=False))
-        full = sum(q.numel() for q in model.parameters())
-        result["plans"][name] = {"spec": spec, "wer": [r["dev_wer"] for r in res["rounds"]],
-                                 "client_params": res["rounds"][-1]["clients"][0]["params"] / full}
-        print(f"seed {seed} {name}: WER per round {[round(w, 4) for w in result['plans'][name]['wer']]}", flush=True)
-    result["seconds"] = round(time.perf_counter() - t0)
-    (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return model
 
 
-def summarize(out: Path, layers: int) -> str:
-    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"fd_L{layers}_seed*/result.json"))]
+def summarize(out: Path, layers: int, tag: str = "") -> str:
+    results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob(f"fd_L{layers}{tag}_seed*/result.json"))]
     if not results:
         return "no finished seeds"
     names = list(results[0]["plans"])
-    words = sum(len(r["text"].split()) for r in _rows(Path(out / "runs" / f"fd_L{layers}_seed{results[0]['seed']}"
+    spec = results[0]["plans"]["Amb-2"]["spec"]
+    words = sum(len(r["text"].split()) for r in _rows(Path(out / "runs" / f"fd_L{layers}{tag}_seed{results[0]['seed']}"
                                                             / "fl_corpus" / "dev_manifest.json")))
     lines = [f"# Importance-targeted federated dropout, {layers} layers (Zhou Table 3 setting)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()}, CPU; "
              f"{len(results)} seed(s); dev = held-out speakers' dev+test, {words} words (one word = "
              f"{1 / words:.4f} WER)", "",
+             f"Plans: Amb-2 / Crit-2 drop {spec['rate']:.0%} of the {' + '.join(spec['kinds'])} units of the 2 most "
+             f"ambient / critical blocks and {spec['base_rate']:.0%} elsewhere; Flat drops the same fraction "
+             "everywhere; no FD trains the full model. Client size: parameters a client trains / full model.", "",
              "## Probe (re-rand ΔWER per block, mean of draws) and the targeted blocks", "",
              "| seed | baseline WER | ΔWER per block | Amb-2 blocks | Crit-2 blocks |", "|---|---|---|---|---|"]
     for r in results:
@@ -148,21 +177,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--local-steps", type=int, default=10)
     p.add_argument("--draws", type=int, default=3, help="re-rand draws per block in the probe")
+    p.add_argument("--rate", type=float, default=0.5, help="dropout on the 2 targeted blocks")
+    p.add_argument("--base-rate", type=float, default=0.1, help="dropout on the other blocks")
+    p.add_argument("--kinds", nargs="+", default=["ffn"], help="unit kinds dropped: ffn, head, conv")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--summarize", action="store_true", help="only rewrite the table from the seeds in --out")
     args = p.parse_args()
     logging.setLevel(logging.ERROR)
     out = Path(args.out)
     if args.summarize:
-        text = summarize(out, args.layers)
+        text = summarize(out, args.layers, variant(args))
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"fd_table3_L{args.layers}.md").write_text(text)
+        (out / f"fd_table3_L{args.layers}{variant(args)}.md").write_text(text)
         print(text)
         return
     for seed in args.seeds:
         run_seed(args, seed, out)
-        text = summarize(out, args.layers)
-        (out / f"fd_table3_L{args.layers}.md").write_text(text)
+        text = summarize(out, args.layers, variant(args))
+        (out / f"fd_table3_L{args.layers}{variant(args)}.md").write_text(text)
         print(text, flush=True)
 
 
