@@ -5,7 +5,9 @@ speakers, probe its blocks (re-rand) on the held-out speakers' dev+test utteranc
 simulation engine with one client per held-out speaker and FFN federated dropout:
 Amb-2 (50 % on the 2 most ambient blocks, 10 % elsewhere), Crit-2 (the same on the 2 most critical) and Flat at
 the same dropped fraction, plus no dropout. Same pretrained model, client data and seeds for every plan, so the
-plans are compared pairwise within a seed. Seeds already in ``--out`` are kept (run them in separate calls).
+plans are compared pairwise within a seed. Seeds already in ``--out`` are kept (run them in separate calls); a
+stopped seed goes on where it stopped: its model, probe and finished plans are kept, and a plan stopped mid-run
+resumes from its last completed round.
 
     python experiments/fd_table3.py --corpus data/commands --layers 8 --seeds 0 1 2 --out experiments/results
 """
@@ -88,22 +90,34 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
         model = restore(pretrained)
         (run / "probe.json").write_text((base / "probe.json").read_text())
         print(f"seed {seed}: pretrained model and probe from {base}", flush=True)
+    elif (run / "probe.json").is_file():  # a stopped run: the probe is written after the model is saved
+        pretrained = run / "pretrained.nemo"
+        model = restore(pretrained)
+        print(f"seed {seed}: pretrained model and probe kept from a stopped run", flush=True)
     else:
         pretrained = run / "pretrained.nemo"
         model = pretrain_and_probe(args, seed, run, pretrain, fl)
     result = {"seed": seed, "layers": args.layers, "probe": json.loads((run / "probe.json").read_text()), "plans": {}}
     for name, spec in plans(args.layers, run / "probe.json", args.rate, args.base_rate, tuple(args.kinds)).items():
-        if name == "no FD" and pretrained.parent == base:  # no dropout is the same run whatever the kinds
+        if name == "no FD" and run != base and pretrained.parent == base:  # no dropout is the same run whatever the kinds
             result["plans"][name] = json.loads((base / "result.json").read_text())["plans"][name]
             continue
-        res = simulate(FLConfig(model=str(pretrained), corpus=str(fl), out=str(run / "fl" / name), rounds=args.rounds, local_steps=args.local_steps, batch_size=8, client_lr=0.1,
-                                clip_grad=1.0, plan=spec, seed=seed, resume=False))
+        res = finished(run / "fl" / name, args.rounds) or simulate(FLConfig(
+            model=str(pretrained), corpus=str(fl), out=str(run / "fl" / name), rounds=args.rounds,
+            local_steps=args.local_steps, batch_size=8, client_lr=0.1, clip_grad=1.0, plan=spec, seed=seed))
         full = sum(q.numel() for q in model.parameters())
         result["plans"][name] = {"spec": spec, "wer": [r["dev_wer"] for r in res["rounds"]],
                                  "client_params": res["rounds"][-1]["clients"][0]["params"] / full}
         print(f"seed {seed} {name}: WER per round {[round(w, 4) for w in result['plans'][name]['wer']]}", flush=True)
     result["seconds"] = round(time.perf_counter() - t0)
     (run / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def finished(out: Path, rounds: int) -> dict | None:
+    """The metrics of a plan that a stopped run already completed, else None (simulate resumes mid-run ones)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        if (out / "metrics.jsonl").is_file() else []
+    return {"rounds": rows} if rows and rows[-1]["round"] == rounds and (out / "global.nemo").is_file() else None
 
 
 def pretrain_and_probe(args: argparse.Namespace, seed: int, run: Path, pretrain: Path, fl: Path) -> torch.nn.Module:
@@ -154,7 +168,8 @@ def summarize(out: Path, layers: int, tag: str = "") -> str:
                      + " | ".join(f"{w:.4f}" for w in finals) + f" | {statistics.mean(finals):.4f} |")
     flat = next(n for n in names if n.startswith("Flat"))
     lines += ["", "Paired differences (per seed; negative: the first plan is better). *final*: WER after the last "
-              "round; *rounds*: mean WER over rounds 1..R, less noisy than one evaluation.", "",
+              "round; *rounds*: mean WER over rounds 1..R, less noisy than one evaluation; ± is the standard "
+              "deviation over seeds.", "",
               "| difference | final, per seed | final, mean | rounds, per seed | rounds, mean |", "|---|---|---|---|---|"]
     for a, b in (("Amb-2", "Crit-2"), ("Amb-2", flat), ("Crit-2", flat), (flat, "no FD")):
         fin = [r["plans"][a]["wer"][-1] - r["plans"][b]["wer"][-1] for r in results]
