@@ -9,7 +9,7 @@ plans are compared pairwise within a seed. Seeds already in ``--out`` are kept (
 stopped seed goes on where it stopped: its model, probe and finished plans are kept, and a plan stopped mid-run
 resumes from its last completed round.
 
-    python experiments/fd_table3.py --corpus data/commands --layers 8 --seeds 0 1 2 --out experiments/results
+    python experiments/fd_table3.py --corpus data/commands --layers 8 --seeds 0 1 2 3 4 --out experiments/results
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, help="a `layerfx make-corpus` folder (commands preset)")
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--epochs", type=int, default=24, help="pretraining epochs on the first half of the speakers")
     p.add_argument("--clients", type=int, default=12, help="held-out speakers that become clients")
     p.add_argument("--rounds", type=int, default=6)
