@@ -99,7 +99,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
         model = pretrain_and_probe(args, seed, run, pretrain, fl)
     result = {"seed": seed, "layers": args.layers, "probe": json.loads((run / "probe.json").read_text()), "plans": {}}
     for name, spec in plans(args.layers, run / "probe.json", args.rate, args.base_rate, tuple(args.kinds)).items():
-        if name == "no FD" and run != base and pretrained.parent == base:  # no dropout is the same run whatever the kinds
+        if name == "no FD" and run != base and pretrained.parent == base:  # the same run whatever the kinds
             result["plans"][name] = json.loads((base / "result.json").read_text())["plans"][name]
             continue
         res = finished(run / "fl" / name, args.rounds) or simulate(FLConfig(
