@@ -27,6 +27,7 @@ from nemo.utils import logging
 import nemo_layerfx
 from nemo_layerfx.convert import restore
 from nemo_layerfx.fl import FLConfig, simulate
+from nemo_layerfx.fl.task import read_metrics
 from nemo_layerfx.importance import ProbeConfig, probe
 from nemo_layerfx.train import compose_config, train
 
@@ -85,7 +86,8 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
         return
     t0 = time.perf_counter()
     pretrain, fl = split_corpus(Path(args.corpus), run, args.clients)
-    if run != base and (base / "result.json").is_file():  # a variant reuses the seed's pretrained model and probe
+    reused = run != base and (base / "result.json").is_file()  # a variant reuses the seed's model, probe, no FD
+    if reused:
         pretrained = base / "pretrained.nemo"
         model = restore(pretrained)
         (run / "probe.json").write_text((base / "probe.json").read_text())
@@ -98,14 +100,14 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
         pretrained = run / "pretrained.nemo"
         model = pretrain_and_probe(args, seed, run, pretrain, fl)
     result = {"seed": seed, "layers": args.layers, "probe": json.loads((run / "probe.json").read_text()), "plans": {}}
+    full = sum(q.numel() for q in model.parameters())
     for name, spec in plans(args.layers, run / "probe.json", args.rate, args.base_rate, tuple(args.kinds)).items():
-        if name == "no FD" and run != base and pretrained.parent == base:  # the same run whatever the kinds
+        if name == "no FD" and reused:  # no dropout is the same run whatever the kinds
             result["plans"][name] = json.loads((base / "result.json").read_text())["plans"][name]
             continue
         res = finished(run / "fl" / name, args.rounds) or simulate(FLConfig(
             model=str(pretrained), corpus=str(fl), out=str(run / "fl" / name), rounds=args.rounds,
             local_steps=args.local_steps, batch_size=8, client_lr=0.1, clip_grad=1.0, plan=spec, seed=seed))
-        full = sum(q.numel() for q in model.parameters())
         result["plans"][name] = {"spec": spec, "wer": [r["dev_wer"] for r in res["rounds"]],
                                  "client_params": res["rounds"][-1]["clients"][0]["params"] / full}
         print(f"seed {seed} {name}: WER per round {[round(w, 4) for w in result['plans'][name]['wer']]}", flush=True)
@@ -115,8 +117,7 @@ def run_seed(args: argparse.Namespace, seed: int, out: Path) -> None:
 
 def finished(out: Path, rounds: int) -> dict | None:
     """The metrics of a plan that a stopped run already completed, else None (simulate resumes mid-run ones)."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "metrics.jsonl").is_file() else []
+    rows = read_metrics(out)
     return {"rounds": rows} if rows and rows[-1]["round"] == rounds and (out / "global.nemo").is_file() else None
 
 

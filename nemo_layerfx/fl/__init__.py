@@ -11,7 +11,6 @@ from nemo_layerfx.fl.task import FLConfig
 
 def simulate(cfg: FLConfig) -> dict:
     """Run ``cfg`` in Flower's simulation engine (one virtual SuperNode per client); returns the run summary."""
-    import json
     import os
     from dataclasses import replace
     from pathlib import Path
@@ -22,7 +21,7 @@ def simulate(cfg: FLConfig) -> dict:
         raise ImportError("federated runs need Flower: pip install 'nemo_layerfx[federated]'") from e
     from nemo_layerfx.fl.client_app import make_client_app
     from nemo_layerfx.fl.server_app import make_server_app
-    from nemo_layerfx.fl.task import check_run, client_manifests
+    from nemo_layerfx.fl.task import check_run, client_manifests, read_metrics
 
     # Ray workers may start elsewhere: every path absolute
     cfg = replace(cfg, model=str(Path(cfg.model).resolve()), corpus=str(Path(cfg.corpus).resolve()),
@@ -34,8 +33,7 @@ def simulate(cfg: FLConfig) -> dict:
                    backend_config={"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 1.0 if gpu else 0.0},
                                    "init_args": {"num_cpus": os.cpu_count() or 1}})
     out = Path(cfg.out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] \
-        if (out / "metrics.jsonl").is_file() else []
+    rows = read_metrics(out)
     if not rows or rows[-1]["round"] != cfg.rounds:
         raise RuntimeError(f"the federated run stopped before round {cfg.rounds}; see the log above "
                            f"(last completed: {rows[-1]['round'] if rows else 'none'})")

@@ -240,6 +240,12 @@ def load_checkpoint(out: Path, cfg: FLConfig) -> dict[str, Any] | None:
     return state
 
 
+def read_metrics(out: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``out/metrics.jsonl``, one per evaluated round (none when the run has not evaluated yet)."""
+    path = Path(out) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def plot_metrics(out: str | Path) -> Path:
     """``out/metrics.png``: dev WER of the global model per round, and the bytes each way per round."""
     import matplotlib
@@ -248,7 +254,7 @@ def plot_metrics(out: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     out = Path(out)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(out)
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
     a.plot([r["round"] for r in rows], [r["dev_wer"] for r in rows], marker="o")
     a.set_xlabel("round")
