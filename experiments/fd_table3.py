@@ -183,6 +183,12 @@ def summarize(out: Path, layers: int, tag: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(out: Path, layers: int, tag: str) -> None:
+    text = summarize(out, layers, tag)
+    (out / f"fd_table3_L{layers}{tag}.md").write_text(text)
+    print(text, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, help="a `layerfx make-corpus` folder (commands preset)")
@@ -200,18 +206,14 @@ def main() -> None:
     p.add_argument("--summarize", action="store_true", help="only rewrite the table from the seeds in --out")
     args = p.parse_args()
     logging.setLevel(logging.ERROR)
-    out = Path(args.out)
+    out, tag = Path(args.out), variant(args)
+    out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
-        text = summarize(out, args.layers, variant(args))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"fd_table3_L{args.layers}{variant(args)}.md").write_text(text)
-        print(text)
+        write_table(out, args.layers, tag)
         return
     for seed in args.seeds:
         run_seed(args, seed, out)
-        text = summarize(out, args.layers, variant(args))
-        (out / f"fd_table3_L{args.layers}{variant(args)}.md").write_text(text)
-        print(text, flush=True)
+        write_table(out, args.layers, tag)  # after every seed, so a stopped run still has its table
 
 
 if __name__ == "__main__":
