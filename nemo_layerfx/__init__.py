@@ -1,7 +1,12 @@
 """nemo_layerfx: cheaper Conformer ASR training in NeMo by exploiting how unequal its layers are.
 
-Importing the package registers it with NeMo (``_target_`` allow-list, adapter registry), so configs and
-``.nemo`` files that name ``nemo_layerfx.*`` classes build and restore.
+Importing the package registers it with NeMo (``_target_`` allow-list, adapter registry) and registers the
+encoder options of the capability subpackages (``low_rank``), so configs and ``.nemo`` files that name
+``nemo_layerfx.*`` classes build and restore.
+
+Layout: the core (``encoder``, ``units``, ``surgery``, ``models``, ``evaluate``, ``registration``, ``train``) and
+one subpackage per capability: ``importance``, ``fd`` (federated dropout), ``fl`` (Flower apps, optional),
+``lowrank``. Capabilities import the core, not each other.
 """
 
 from nemo_layerfx.registration import register
@@ -29,6 +34,8 @@ from nemo_layerfx.fd import (  # noqa: E402
     mask_units_,
     plan_param_count,
 )
+from nemo_layerfx.lowrank import LowRankConfig, LowRankLinear, lowrank, merge  # noqa: E402
+from nemo_layerfx.models import clone_model, conformer_encoder, restore  # noqa: E402
 from nemo_layerfx.units import UNIT_MAP  # noqa: E402
 from nemo_layerfx.encoder import (  # noqa: E402
     GroupNormConformerEncoder,
@@ -37,7 +44,7 @@ from nemo_layerfx.encoder import (  # noqa: E402
     stock_encoder_config,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "DropoutPlan",
@@ -52,12 +59,19 @@ __all__ = [
     "GroupNormConformerEncoder",
     "LayerImportanceCallback",
     "LossHistory",
+    "LowRankConfig",
+    "LowRankLinear",
     "ProbeConfig",
     "ProbeReport",
+    "clone_model",
+    "conformer_encoder",
     "layer_snapshot",
     "load_snapshot",
+    "lowrank",
+    "merge",
     "plot_report",
     "probe",
+    "restore",
     "save_snapshot",
     "MaskedConformerConvolution",
     "MaskedGroupNorm",

@@ -1,4 +1,5 @@
-"""``layerfx``: the things users do outside training.
+"""What each ``layerfx`` command does. Parsing and flag checks live in ``nemo_layerfx_cli`` (instant help);
+``run`` is called with the parsed, checked arguments.
 
     layerfx make-corpus --preset commands --out data/commands
     layerfx convert-norm pretrained.nemo pretrained_gn.nemo --groups 8
@@ -6,13 +7,20 @@
     layerfx compare runs/a/probe.json runs/b/probe.json
     layerfx extract model.nemo client.nemo --rate 0.5 --kinds ffn head conv --seed 3
     layerfx fl --config-name fd_ambient model=runs/pretrained.nemo plan.report=runs/probe/probe.json
+    layerfx lowrank model.nemo small.nemo --att 0.1,0.2 --ffn 0.2,0.5
+    layerfx merge small.nemo dense.nemo
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
+from pathlib import Path
+
+from nemo_layerfx_cli import build_parser, check_args  # noqa: F401  (re-exported for callers of the old module)
 
 
 def _make_corpus(args: argparse.Namespace) -> int:
@@ -38,31 +46,20 @@ def _convert_norm(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from nemo_layerfx.convert import restore
     from nemo_layerfx.importance import ProbeConfig, plot_report, probe
+    from nemo_layerfx.models import restore
 
     modes = ("reinit", "rerand") if args.mode == "both" else (args.mode,)
     cfg = ProbeConfig(modes=modes, unit=args.unit, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
                       max_utterances=args.max_utterances, ambient_rel_threshold=args.threshold,
                       n_ambient=args.n_ambient, batch_variants=args.batch_variants)
-    if "reinit" in modes and args.init is None:
-        raise ValueError("--mode reinit needs --init INIT.safetensors (the step-0 snapshot saved at fit start); "
-                         "a pretrained .nemo does not carry its initial weights, so only --mode rerand is possible")
     model = restore(args.model)
     if args.device:
         model = model.to(args.device)
-    try:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(desc="probe", unit="pass", leave=False)
-        progress = lambda msg: bar.update(1)  # noqa: E731
-    except ImportError:  # pragma: no cover
-        bar, progress = None, None
-    report = probe(model, args.manifest, cfg, init=args.init, progress=progress)
-    if bar is not None:
-        bar.close()
+    with tqdm(desc="probe", unit="pass", leave=False, file=sys.stderr) as bar:
+        report = probe(model, args.manifest, cfg, init=args.init, progress=lambda msg: bar.update(1))
     out = Path(args.out)
     report.to_json(out / "probe.json")
     plot_report(report, out / "probe.png")
@@ -72,15 +69,11 @@ def _probe(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from nemo_layerfx.convert import restore
     from nemo_layerfx.fd import DropoutPlan, extract
+    from nemo_layerfx.models import conformer_encoder, restore, save_nemo
 
-    if Path(args.output).resolve() == Path(args.model).resolve():
-        raise ValueError(f"refusing to overwrite the input model {args.model}; give a different output path")
     model = restore(args.model)
-    n = len(model.encoder.layers)
+    n = len(conformer_encoder(model).layers)
     if args.report:
         plan = DropoutPlan.targeted(args.report, n=args.n, rate=args.rate, base_rate=args.base_rate,
                                     target=args.target, kinds=tuple(args.kinds))
@@ -88,9 +81,7 @@ def _extract(args: argparse.Namespace) -> int:
         plan = DropoutPlan.flat(n, args.rate, kinds=tuple(args.kinds))
     sub, units = extract(model, plan, seed=args.seed)
     full, small = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in sub.parameters())
-    tmp = Path(args.output).with_suffix(".tmp.nemo")
-    sub.save_to(str(tmp))
-    tmp.replace(args.output)
+    save_nemo(sub, args.output)
     print(f"{plan.label}: {small:,} of {full:,} parameters ({small / full:.1%}); wrote {args.output}")
     return 0
 
@@ -113,15 +104,9 @@ def _fl(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from nemo_layerfx.importance import compare_reports
 
-    reports = []
-    for path in args.reports:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no such probe report: {path}")
-        reports.append(json.loads(Path(path).read_text()))
+    reports = [json.loads(Path(path).read_text()) for path in args.reports]
     result = compare_reports(reports, mode=args.mode, top_n=args.top_n)
     for p in result["pairs"]:
         print(f"{args.reports[p['a']]}  vs  {args.reports[p['b']]}: spearman {p['spearman']:+.3f}, "
@@ -133,91 +118,57 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="layerfx", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+def _lowrank(args: argparse.Namespace) -> int:
+    from nemo_layerfx.lowrank import LowRankConfig, lowrank_file, parse_spec
 
-    c = sub.add_parser("make-corpus", help="synthesize an offline speech corpus with espeak-ng",
-                       epilog="example: layerfx make-corpus --preset commands --n 1000 --out data/commands",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--out", required=True, help="output folder")
-    c.add_argument("--preset", default="commands", choices=["commands", "sentences"])
-    c.add_argument("--n", type=int, default=1000, help="utterances in total")
-    c.add_argument("--speakers", type=int, default=24, help="distinct voices (1-152)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--workers", type=int, default=2, help="synthesis processes (output does not depend on it)")
-    c.add_argument("--dev-frac", type=float, default=0.1)
-    c.add_argument("--test-frac", type=float, default=0.1)
-    c.add_argument("--vocab", type=int, default=0, help="sentences: keep sentences of the K commonest words")
-    c.add_argument("--vocab-size", type=int, default=0,
-                   help="tokenizer pieces (0: preset default, -1: no tokenizer)")
-    c.set_defaults(func=_make_corpus)
-
-    n = sub.add_parser("convert-norm", help="BatchNorm Conformer .nemo -> padding-exact GroupNorm .nemo",
-                       epilog="example: layerfx convert-norm stt_conformer.nemo stt_conformer_gn8.nemo --groups 8")
-    n.add_argument("input", help="a Conformer .nemo (never modified)")
-    n.add_argument("output", help="where to write the converted .nemo")
-    n.add_argument("--groups", type=int, default=8, help="GroupNorm groups; must divide d_model")
-    n.set_defaults(func=_convert_norm)
-
-    pr = sub.add_parser("probe", help="ambient / critical Conformer layers of a .nemo by re-init / re-rand",
-                        epilog="example: layerfx probe model.nemo --manifest data/commands/dev_manifest.json "
-                               "--mode rerand --draws 3 --out runs/probe",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    pr.add_argument("model", help="a NeMo Conformer .nemo (CTC, RNNT or hybrid)")
-    pr.add_argument("--manifest", required=True, help="NeMo manifest of the evaluation utterances")
-    pr.add_argument("--mode", default="rerand", choices=["rerand", "reinit", "both"])
-    pr.add_argument("--init", default=None, help="step-0 layer snapshot (.safetensors), needed for reinit")
-    pr.add_argument("--draws", type=int, default=1, help="re-rand draws averaged per unit")
-    pr.add_argument("--unit", default="block", choices=["block", "module"])
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--threshold", type=float, default=0.10, help="ambient if WER <= baseline x (1 + threshold)")
-    pr.add_argument("--n-ambient", type=int, default=None, help="label the n least important units ambient")
-    pr.add_argument("--batch-size", type=int, default=16)
-    pr.add_argument("--max-utterances", type=int, default=None)
-    pr.add_argument("--batch-variants", type=int, default=1,
-                    help="resets of one layer evaluated as one batch through the layers after it (GPU: 8)")
-    pr.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
-    pr.add_argument("--out", default="runs/probe", help="folder for probe.json and probe.png")
-    pr.set_defaults(func=_probe)
-
-    ex = sub.add_parser("extract", help="a federated-dropout submodel of a GroupNorm Conformer .nemo, as a .nemo",
-                        epilog="example: layerfx extract model.nemo client.nemo --rate 0.5 --kinds ffn head conv",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ex.add_argument("model", help="a GroupNorm Conformer .nemo (never modified)")
-    ex.add_argument("output", help="where to write the submodel .nemo")
-    ex.add_argument("--rate", type=float, default=0.5, help="dropout rate (fraction of units dropped)")
-    ex.add_argument("--kinds", nargs="+", default=["ffn"], choices=["ffn", "head", "conv"])
-    ex.add_argument("--report", default=None, help="a probe.json: apply --rate to --n targeted layers only")
-    ex.add_argument("--target", default="ambient", choices=["ambient", "critical"])
-    ex.add_argument("--n", type=int, default=2)
-    ex.add_argument("--base-rate", type=float, default=0.0, help="with --report: the rate on the other layers")
-    ex.add_argument("--seed", type=int, default=0, help="which units are kept")
-    ex.set_defaults(func=_extract)
-
-    fl = sub.add_parser("fl", help="federated dropout on Flower's simulation engine (conf/federated/*.yaml)",
-                        epilog="example: layerfx fl --config-name fd_flat model=runs/pretrained.nemo rounds=5")
-    fl.add_argument("--config-name", default="fd_flat", help="fd_flat, fd_ambient, fd_critical or your own")
-    fl.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. plan.rate=0.3 num_clients=8")
-    fl.set_defaults(func=_fl)
-
-    cp = sub.add_parser("compare", help="agreement of layer rankings across probe reports",
-                        epilog="example: layerfx compare runs/seed0/probe.json runs/seed1/probe.json --top-n 2")
-    cp.add_argument("reports", nargs="+", help="probe.json files of `layerfx probe` or the callback")
-    cp.add_argument("--mode", default="rerand", choices=["rerand", "reinit"])
-    cp.add_argument("--top-n", type=int, default=2, help="size of the most-ambient sets to overlap")
-    cp.add_argument("--out", default=None, help="also write the comparison as JSON here")
-    cp.set_defaults(func=_compare)
-    return p
+    config = LowRankConfig(att=parse_spec(args.att), ffn=parse_spec(args.ffn), conv=parse_spec(args.conv),
+                           multiple_of=args.multiple_of)
+    report = lowrank_file(args.input, args.output, config)
+    for line in report.lines():
+        print(line)
+    print(f"wrote {args.output} (input {args.input} unchanged)")
+    return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _merge(args: argparse.Namespace) -> int:
+    from nemo_layerfx.lowrank import merge_file
+
+    report = merge_file(args.input, args.output)
+    for line in report.lines():
+        print(line)
+    print(f"wrote {args.output} (input {args.input} unchanged)")
+    return 0
+
+
+COMMANDS = {"make-corpus": _make_corpus, "convert-norm": _convert_norm, "probe": _probe, "extract": _extract,
+            "fl": _fl, "compare": _compare, "lowrank": _lowrank, "merge": _merge}
+
+
+def quiet_logs(verbose: bool = False) -> None:
+    """NeMo's and Lightning's info chatter off for commands (``-v`` keeps it): only lines that mean something."""
+    if verbose or os.environ.get("LAYERFX_VERBOSE"):
+        return
+    from nemo.utils import logging as nemo_logging
+
+    nemo_logging.setLevel(logging.WARNING)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed, checked ``layerfx`` command; a user error ends in one line naming it, exit status 2."""
     try:
-        return args.func(args)
+        quiet_logs(getattr(args, "verbose", False))
+        return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"layerfx {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nemo_layerfx_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ normalization than the one it was trained with, so fine-tune it before use.
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from nemo_layerfx.encoder import ENCODER_TARGET, STOCK_ENCODER_TARGET
+from nemo_layerfx.models import check_output, load_config, restore, save_nemo  # noqa: F401  (restore: old path)
 
 CONFORMER_TARGETS = (STOCK_ENCODER_TARGET, "nemo.collections.asr.modules.conformer_encoder.ConformerEncoder",
                      ENCODER_TARGET)
@@ -45,42 +45,13 @@ class ConversionReport:
         return out
 
 
-def load_config(path: str | os.PathLike) -> DictConfig:
-    """Model config of a ``.nemo`` file, with a clear error if the file is missing or not a NeMo archive."""
-    from nemo.collections.asr.models import ASRModel
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such .nemo file: {path}")
-    try:
-        return ASRModel.restore_from(str(path), return_config=True, map_location="cpu")
-    except Exception as e:  # NeMo raises tarfile/yaml errors of several kinds on a bad archive
-        raise ValueError(f"{path} is not a readable .nemo archive ({type(e).__name__}: {e})") from e
-
-
-def restore(path: str | os.PathLike, override_config: DictConfig | None = None, strict: bool = True):
-    """``ASRModel.restore_from`` on CPU, with a clear error for a corrupt or truncated archive."""
-    from nemo.collections.asr.models import ASRModel
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such .nemo file: {path}")
-    try:
-        return ASRModel.restore_from(
-            str(path), override_config_path=override_config, map_location="cpu", strict=strict
-        )
-    except Exception as e:
-        raise ValueError(f"could not restore {path}: {type(e).__name__}: {e}") from e
-
-
 def convert_norm(src: str | os.PathLike, dst: str | os.PathLike, groups: int = 8) -> ConversionReport:
     """Write ``dst``: the model in ``src`` with a padding-exact GroupNorm(``groups``) conv norm.
 
     ``src`` is never modified; ``dst`` is written atomically and must differ from ``src``.
     """
     src, dst = Path(src), Path(dst)
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"refusing to overwrite the input model {src}; give a different output path")
+    check_output(src, dst)
     cfg = load_config(src)
     enc = cfg.get("encoder", None)
     target = None if enc is None else enc.get("_target_", None)
@@ -112,13 +83,5 @@ def convert_norm(src: str | os.PathLike, dst: str | os.PathLike, groups: int = 8
     if unexpected:
         raise ValueError(f"conversion would drop trained tensors: {unexpected[:5]}")
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".nemo", dir=dst.parent)
-    os.close(fd)
-    try:
-        model.save_to(tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_nemo(model, dst)
     return report

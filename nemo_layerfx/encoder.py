@@ -17,7 +17,8 @@ dense models that federated dropout, pruning and low-rank training produce; ``d_
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,36 @@ ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
 # Keys our encoder adds to NeMo's signature; stock NeMo rejects them, so they are dropped when exporting.
 LAYERFX_ONLY_KEYS = ("ff_hidden", "layer_n_heads", "conv_channels", "conv_groups")
 _GROUP_NORM = re.compile(r"^group_norm(\d+)$")
+
+
+@dataclass(frozen=True)
+class EncoderOption:
+    """An encoder config key that a capability subpackage adds (e.g. ``low_rank``).
+
+    ``apply(encoder, value)`` runs after the layers are built, in ``order``; a ``None`` value is not applied.
+    Capabilities register their options when imported (``import nemo_layerfx`` imports them all), so the core
+    encoder never imports a capability, and a config or ``.nemo`` naming the option rebuilds the same modules.
+    """
+
+    name: str
+    apply: Callable[[nn.Module, Any], None]
+    order: int = 0
+
+
+ENCODER_OPTIONS: dict[str, EncoderOption] = {}
+
+
+def register_encoder_option(name: str, apply: Callable[[nn.Module, Any], None], order: int = 0) -> None:
+    """Make ``name`` a key of GroupNormConformerEncoder's config (idempotent for the same function)."""
+    ENCODER_OPTIONS[name] = EncoderOption(name, apply, order)
+
+
+def layer_sets(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's distinct layer modules in order of first use (a layer shared by several depths once)."""
+    seen: dict[int, nn.Module] = {}
+    for layer in encoder.layers:
+        seen.setdefault(id(layer), layer)
+    return list(seen.values())
 
 
 def parse_num_groups(conv_norm_type: str) -> int:
@@ -205,7 +236,8 @@ class GroupNormConformerEncoder(ConformerEncoder):
 
     Every ``ConformerEncoder`` argument keeps its meaning; ``conv_norm_type`` must be ``group_norm<G>``.
 
-    Args (in addition to NeMo's, all optional; ``None`` means NeMo's uniform width):
+    Args (in addition to NeMo's, all optional; ``None`` means NeMo's uniform width; capability subpackages add
+    more keys through ``register_encoder_option``, e.g. ``low_rank`` from ``nemo_layerfx.lowrank``):
         ff_hidden: per layer, the FFN hidden size (int) or ``[ffn1, ffn2]``; NeMo: d_model * ff_expansion_factor.
         layer_n_heads: per layer, the number of attention heads, each of width d_model / n_heads.
         conv_channels: per layer, the conv module's inner channels (a multiple of G); NeMo: d_model.
@@ -229,6 +261,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
         **kwargs: Any,
     ):
         num_groups = parse_num_groups(conv_norm_type)
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in ENCODER_OPTIONS}
         # NeMo's own GroupNorm is built first and replaced below; it needs G | d_model, so give it 1 group.
         super().__init__(*args, conv_norm_type="group_norm1", **kwargs)
         self.conv_norm_type = conv_norm_type
@@ -265,6 +298,9 @@ class GroupNormConformerEncoder(ConformerEncoder):
                     raise ValueError(f"layer_n_heads[{i}] must be >= 1, got {layer_n_heads[i]}")
                 _shrink_heads(layer.self_attn, int(layer_n_heads[i]))
                 layer.n_heads = int(layer_n_heads[i])
+        for option in sorted(ENCODER_OPTIONS.values(), key=lambda o: o.order):
+            if options.get(option.name) is not None:
+                option.apply(self, options[option.name])
 
     def forward_internal(self, audio_signal, length, cache_last_channel=None, *args, **kwargs):
         if cache_last_channel is not None:
@@ -297,6 +333,10 @@ def stock_encoder_config(encoder_cfg: Any) -> dict:
     for key in LAYERFX_ONLY_KEYS:
         if cfg.pop(key, None) is not None:
             raise ValueError(f"encoder uses per-layer widths ({key}); stock NeMo ConformerEncoder cannot load it")
+    for key in ENCODER_OPTIONS:
+        if cfg.pop(key, None) is not None:
+            raise ValueError(f"encoder uses the nemo_layerfx option {key!r}, which stock NeMo ConformerEncoder cannot "
+                             f"build; undo it first (e.g. `layerfx merge` for low_rank)")
     cfg["_target_"] = STOCK_ENCODER_TARGET
     return cfg
 

@@ -7,7 +7,12 @@ hardening), also when restoring a ``.nemo`` whose config names our classes. ``im
 
 from __future__ import annotations
 
+import logging
+
 PREFIX = "nemo_layerfx."
+# NeMo 3.0 imports NVIDIA's OneLogger telemetry, which warns on every import that it is disabled and collects
+# nothing ("OneLogger: Setting error_handling_strategy…", "No exporters were provided…"): noise, not information.
+logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
 
 
 def register() -> None:

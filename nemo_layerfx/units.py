@@ -54,6 +54,14 @@ UNIT_MAP: dict[str, tuple[Slice, ...]] = {
              Slice("conv.batch_norm.weight", 0), Slice("conv.batch_norm.bias", 0),
              Slice("conv.pointwise_conv2.weight", 1)),
 }
+# The dense linear maps of a layer by group (low-rank training factorizes these; the conv module's pointwise convs
+# are kernel-1 Conv1d, i.e. linear maps over channels).
+LINEARS: dict[str, tuple[str, ...]] = {
+    "att": ("self_attn.linear_q", "self_attn.linear_k", "self_attn.linear_v", "self_attn.linear_out",
+            "self_attn.linear_pos"),
+    "ffn": ("feed_forward1.linear1", "feed_forward1.linear2", "feed_forward2.linear1", "feed_forward2.linear2"),
+    "conv": ("conv.pointwise_conv1", "conv.pointwise_conv2"),
+}
 FIXED = ("norm_feed_forward1.", "norm_self_att.", "norm_conv.", "norm_feed_forward2.", "norm_out.",
          "feed_forward1.linear2.bias", "feed_forward2.linear2.bias", "self_attn.linear_out.bias",
          "conv.pointwise_conv2.bias")
@@ -91,6 +99,21 @@ def check_sliceable(encoder: nn.Module) -> None:
                 f"groups to drop): convert the model with `layerfx convert-norm` first")
         if getattr(layer.self_attn, "linear_q", None) is None:
             raise ValueError(f"encoder layer {i}: attention without linear_q/k/v projections cannot be sliced")
+        for path in (p for paths in LINEARS.values() for p in paths):
+            module = find_module(layer, path)
+            if module is not None and not isinstance(module, (nn.Linear, nn.Conv1d)):
+                raise ValueError(
+                    f"encoder layer {i}: {path} is a {type(module).__name__}, not a dense layer; units are slices of "
+                    f"dense weights, so a factorized (low-rank) model cannot be sliced: merge it back to dense first "
+                    f"(`layerfx merge` / nemo_layerfx.lowrank.merge)")
+
+
+def find_module(module: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at ``path``, or None when the layer has none (e.g. linear_pos without rel_pos attention)."""
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def layer_tensor_index(layer: nn.Module, kind: str, units: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:

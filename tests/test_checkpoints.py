@@ -178,7 +178,7 @@ def test_convert_norm_refusals(tiny_cfg, tmp_path, capsys):
 def test_corrupt_or_missing_nemo_is_a_clear_error(tiny_cfg, tmp_path, capsys):
     garbage = tmp_path / "garbage.nemo"
     garbage.write_bytes(b"this is not a tar archive" * 10)
-    with pytest.raises(ValueError, match="could not restore .*garbage.nemo"):
+    with pytest.raises(ValueError, match="garbage.nemo is not a .nemo file \\(a .nemo is a tar archive"):
         restore(garbage)
     torch.manual_seed(0)
     good = tmp_path / "good.nemo"
@@ -188,6 +188,8 @@ def test_corrupt_or_missing_nemo_is_a_clear_error(tiny_cfg, tmp_path, capsys):
     with pytest.raises(ValueError, match="truncated.nemo"):
         restore(truncated)
     assert cli.main(["convert-norm", str(garbage), str(tmp_path / "z.nemo")]) == 2
-    assert "garbage.nemo is not a readable .nemo archive" in capsys.readouterr().err
+    assert "garbage.nemo is not a .nemo file" in capsys.readouterr().err
     assert cli.main(["convert-norm", str(tmp_path / "missing.nemo"), str(tmp_path / "z.nemo")]) == 2
-    assert "no such .nemo file" in capsys.readouterr().err
+    assert "missing.nemo: no such file" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no such .nemo file"):
+        restore(tmp_path / "missing.nemo")

@@ -26,6 +26,7 @@ def test_examples_speech_to_text_entry_point(corpus, tmp_path):
 @pytest.mark.parametrize("script, config", [
     ("nemo_speech_to_text_ctc_bpe.py", "conformer_gn_tiny"),
     ("nemo_speech_to_text_rnnt_bpe.py", "conformer_gn_transducer_tiny"),
+    ("nemo_speech_to_text_ctc_bpe.py", "conformer_gn_lowrank_tiny"),
 ])
 def test_stock_nemo_script_with_our_config(corpus, tmp_path, script, config):
     over = TINY + (TINY_RNNT if "transducer" in config else [])
@@ -34,7 +35,9 @@ def test_stock_nemo_script_with_our_config(corpus, tmp_path, script, config):
     out = run(args, tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "ENCODER GroupNormConformerEncoder STEPS 2" in out.stdout
-    if "ctc" in script:  # without the hydra.callbacks hook NeMo's allow-list refuses our encoder
+    if "lowrank" in config:  # 2 layers x (5 attention + 4 FFN linears) built factorized from the shipped config
+        assert "LOWRANK 18" in out.stdout
+    if config == "conformer_gn_tiny":  # without the hydra.callbacks hook NeMo's allow-list refuses our encoder
         out = run(args + ["~hydra.callbacks.layerfx"], tmp_path)
         assert out.returncode != 0 and "UnsafeTargetError" in out.stdout + out.stderr
 

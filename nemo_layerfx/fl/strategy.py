@@ -23,7 +23,8 @@ from flwr.serverapp.strategy import FedAvg
 from nemo_layerfx.fd import (
     ServerOptimizer, aggregate, choose_units, plan_param_count, slice_state, tensor_index, unit_seed, units_to_lists,
 )
-from nemo_layerfx.fl.task import FLConfig, base_model, evaluate_wer, load_checkpoint, log, make_plan, save_checkpoint
+from nemo_layerfx.evaluate import evaluate_wer
+from nemo_layerfx.fl.task import FLConfig, base_model, load_checkpoint, log, make_plan, save_checkpoint
 
 
 class FedDropout(FedAvg):
@@ -31,7 +32,7 @@ class FedDropout(FedAvg):
 
     def __init__(self, cfg: FLConfig):
         super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
-        from nemo_layerfx.fd import clone_model
+        from nemo_layerfx.models import clone_model
 
         self.cfg, self.out = cfg, Path(cfg.out)
         self.model = clone_model(base_model(str(Path(cfg.model).resolve()))).eval()

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from nemo_layerfx.evaluate import evaluate_wer  # noqa: F401  (old import path)
 from nemo_layerfx.fd import DropoutPlan
 
 log = logging.getLogger("nemo_layerfx.fl")
@@ -138,7 +139,7 @@ def make_plan(cfg: FLConfig, n_layers: int) -> DropoutPlan:
 def check_run(cfg: FLConfig) -> None:
     """Every input of a run checked before any round starts: model, plan (and its report), corpus, rule, optimizer."""
     from nemo_layerfx.fd import RULES, ServerOptimizer, choose_units
-    from nemo_layerfx.importance import conformer_encoder
+    from nemo_layerfx.models import conformer_encoder
 
     if not Path(cfg.model).is_file():
         raise FileNotFoundError(f"no such global model: {cfg.model}")
@@ -159,7 +160,7 @@ def check_run(cfg: FLConfig) -> None:
 @functools.lru_cache(maxsize=2)
 def base_model(path: str):
     """The global architecture, restored once per process (a client reuses it every round; never modified)."""
-    from nemo_layerfx.convert import restore
+    from nemo_layerfx.models import restore
 
     return restore(path).eval()
 
@@ -190,27 +191,6 @@ def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int) -> tuple
     sub.cpu()
     n = sum(1 for line in Path(manifest).read_text().splitlines() if line.strip())
     return n, losses[-1] if losses else math.nan
-
-
-@torch.no_grad()
-def evaluate_wer(model, manifest: str | Path, max_utterances: int | None = None, batch_size: int = 16) -> float:
-    """Greedy WER of ``model`` on a manifest (CTC, RNNT or hybrid), in eval mode."""
-    from nemo_layerfx.importance import audio_batches, decode, read_manifest, wer
-
-    was = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    hyps, refs = [], []
-    try:
-        for audio, lengths, texts in audio_batches(read_manifest(manifest, max_utterances), batch_size,
-                                                   model._cfg.sample_rate, device):
-            feats, flen = model.preprocessor(input_signal=audio, length=lengths)
-            enc, enc_len = model.encoder(audio_signal=feats, length=flen)
-            hyps += decode(model, enc, enc_len)
-            refs += texts
-    finally:
-        model.train(was)
-    return wer(hyps, refs)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------

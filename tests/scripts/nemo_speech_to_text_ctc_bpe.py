@@ -22,6 +22,7 @@ def main(cfg):
     asr_model.maybe_init_from_pretrained_checkpoint(cfg)
     trainer.fit(asr_model)
     print("ENCODER", type(asr_model.encoder).__name__, "STEPS", trainer.global_step)
+    print("LOWRANK", sum(type(m).__name__ == "LowRankLinear" for m in asr_model.modules()))  # test instrumentation
 
 
 if __name__ == '__main__':

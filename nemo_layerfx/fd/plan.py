@@ -1,0 +1,138 @@
+"""Federated-dropout plans: how many units of each kind every layer keeps, and which (seeded)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nemo_layerfx.surgery import Units, sliceable_encoder
+from nemo_layerfx.units import KINDS, n_units
+
+PLAN_KINDS = {"ffn": ("ffn1", "ffn2"), "head": ("head",), "conv": ("conv",)}
+MAPPINGS = ("pcpr", "pr")
+
+
+@dataclass
+class DropoutPlan:
+    """Per-layer dropout rates per unit kind, and how units are drawn.
+
+    rates: kind -> one rate per encoder layer, the fraction of units dropped (in [0, 1)). Kinds: ``ffn`` (the hidden
+        units of both macaron FFNs, Guliani's choice), ``head`` (attention heads), ``conv`` (GroupNorm groups of the
+        conv module). A layer keeps ``max(1, round(n * (1 - rate)))`` units of each kind.
+    mapping: ``pcpr`` draws units per client per round (Guliani's best); ``pr`` gives all clients of a round the
+        same units (simpler, anonymous). The caller turns this into seeds (``unit_seed``).
+    """
+
+    rates: dict[str, list[float]]
+    mapping: str = "pcpr"
+    label: str = ""  # e.g. "Amb-2 50% | flat 10%": for reports and plots
+
+    def __post_init__(self) -> None:
+        self.rates = {k: [float(r) for r in v] for k, v in self.rates.items()}
+        bad = [k for k in self.rates if k not in PLAN_KINDS]
+        if bad or not self.rates:
+            raise ValueError(f"unknown unit kind(s) {bad or '(none)'} in the plan; choose from {', '.join(PLAN_KINDS)}")
+        lengths = {len(v) for v in self.rates.values()}
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(f"every kind needs one rate per layer; got lengths {sorted(lengths)}")
+        for kind, values in self.rates.items():
+            for i, r in enumerate(values):
+                if not 0.0 <= r < 1.0:
+                    raise ValueError(f"{kind} rate for layers.{i} is {r}; rates are fractions dropped, in [0, 1)")
+        if self.mapping not in MAPPINGS:
+            raise ValueError(f"unknown mapping {self.mapping!r}; choose pcpr (per client per round) or pr (per round)")
+
+    @property
+    def n_layers(self) -> int:
+        return len(next(iter(self.rates.values())))
+
+    @classmethod
+    def flat(cls, n_layers: int, rate: float, kinds: tuple[str, ...] = ("ffn",), mapping: str = "pcpr") -> DropoutPlan:
+        """The same rate on every layer (Caldas, Guliani's "Flat x%")."""
+        return cls({k: [rate] * n_layers for k in kinds}, mapping, label=f"Flat {rate:.0%}")
+
+    @classmethod
+    def targeted(cls, report: Any, n: int, rate: float, base_rate: float = 0.0, target: str = "ambient",
+                 kinds: tuple[str, ...] = ("ffn",), mode: str = "rerand", mapping: str = "pcpr") -> DropoutPlan:
+        """``base_rate`` everywhere and ``rate`` on the n most ambient (Zhou's Amb-n) or critical (Crit-n) layers.
+
+        report: a block-level probe report (``ProbeReport``, its dict, or a probe.json path); layers are ranked by
+        their WER change under ``mode``.
+        """
+        if target not in ("ambient", "critical"):
+            raise ValueError(f"target must be 'ambient' or 'critical', got {target!r}")
+        r = _report_dict(report)
+        if mode not in r.get("delta_wer", {}):
+            raise ValueError(f"the report has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
+        layers = _block_layers(r)
+        delta = r["delta_wer"][mode]
+        if not 1 <= n <= len(layers):
+            raise ValueError(f"n={n}: the report ranks {len(layers)} layers; choose 1..{len(layers)}")
+        order = sorted(range(len(delta)), key=lambda k: (delta[k], k), reverse=target == "critical")
+        chosen = {layers[k] for k in order[:n]}
+        per_layer = [rate if i in chosen else base_rate for i in range(len(layers))]
+        label = f"{'Amb' if target == 'ambient' else 'Crit'}-{n} {rate:.0%}" + (f" | flat {base_rate:.0%}" if base_rate else "")
+        return cls({k: list(per_layer) for k in kinds}, mapping, label=label)  # one rate per report layer
+
+    def check(self, model: nn.Module) -> None:
+        """Clear errors when the plan (or the report it came from) does not fit ``model``'s encoder."""
+        enc = sliceable_encoder(model)
+        n = len(enc.layers)
+        if self.n_layers != n:
+            raise ValueError(f"the plan has rates for {self.n_layers} layers but the encoder has n_layers={n} "
+                             f"(layers.0 … layers.{n - 1}); a report or plan from a different model?")
+
+    def keep(self, kind: str, layer: int, n: int) -> int:
+        """Units of unit kind ``kind`` (ffn1, ffn2, head, conv) that layer ``layer`` keeps out of ``n``."""
+        plan_kind = next(k for k, members in PLAN_KINDS.items() if kind in members)
+        rate = self.rates.get(plan_kind, [0.0] * self.n_layers)[layer]
+        return max(1, round(n * (1.0 - rate)))
+
+    def to_dict(self) -> dict:
+        return {"rates": self.rates, "mapping": self.mapping, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DropoutPlan:
+        return cls(rates=d["rates"], mapping=d.get("mapping", "pcpr"), label=d.get("label", ""))
+
+
+def _report_dict(report: Any) -> dict:
+    if isinstance(report, (str, Path)):
+        path = Path(report)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such probe report: {path}")
+        return json.loads(path.read_text())
+    return report if isinstance(report, dict) else asdict(report)
+
+
+def _block_layers(report: dict) -> list[int]:
+    units = report.get("units", [])
+    if not units or any(u.count(".") != 1 for u in units):
+        raise ValueError("a dropout plan needs a block-level probe report (units 'layers.i'); this one has "
+                         f"{units[:3]}… (probe with unit='block')")
+    return [int(u.split(".")[1]) for u in units]
+
+
+def unit_seed(seed: int, server_round: int, client: int, mapping: str) -> int:
+    """The seed of a client's units in a round: per client per round (pcpr) or shared by the round (pr)."""
+    return seed * 1_000_003 + server_round * 10_007 + (client if mapping == "pcpr" else 0)
+
+
+def choose_units(model: nn.Module, plan: DropoutPlan, seed: int) -> Units:
+    """Which units each layer keeps: ``plan.keep`` of them, drawn uniformly under ``seed`` (CPU generator)."""
+    enc = sliceable_encoder(model)
+    plan.check(model)  # also catches a report from a model of another depth: one rate per report layer
+    g = torch.Generator().manual_seed(int(seed))
+    units: Units = {}
+    for i, layer in enumerate(enc.layers):
+        units[i] = {}
+        for kind in KINDS:
+            n = n_units(layer, kind)
+            k = plan.keep(kind, i, n)
+            units[i][kind] = torch.arange(n) if k == n else torch.randperm(n, generator=g)[:k].sort().values
+    return units

@@ -1,0 +1,221 @@
+"""Layer importance of a Conformer: reset one layer at a time and measure the WER change (Zhou et al. 2021).
+
+* re-init: the layer goes back to its step-0 values (needs an init snapshot, saved at fit start)
+* re-rand: the layer gets a fresh draw from its own initializers (seeded; ``draws`` draws averaged)
+
+Layers whose reset costs (almost) nothing are *ambient*, the others *critical*. The probe never recomputes
+unchanged work: per batch, the preprocessor, subsampling and the hidden state entering every layer are computed
+once with the trained weights (``nemo_layerfx.evaluate.encode_prefix``), and a reset of layer i runs only layers
+i..N-1 and the decoder.
+
+Shape notation: B batch, T frames after subsampling, D d_model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nemo_layerfx.evaluate import (
+    Prefix, audio_batches, batch_loss, decode, encode_prefix, output_from, read_manifest, run_layers, wer,
+)
+from nemo_layerfx.importance.compare import spearman
+from nemo_layerfx.importance.resets import (
+    check_snapshot, churn, fresh_draw, init_state, load_snapshot, probe_units, swapped,
+)
+from nemo_layerfx.models import conformer_encoder
+
+MODES = ("reinit", "rerand")
+UNITS = ("block", "module")
+
+
+@torch.no_grad()
+def run_variants(enc: nn.Module, p: Prefix, layer_idx: int,
+                 resets: list[tuple[nn.Module, dict[str, torch.Tensor]]]) -> list[torch.Tensor]:
+    """Encoder outputs (B, D, T) with layer ``layer_idx`` under each reset, the rest of the encoder shared.
+
+    Each reset runs layer ``layer_idx`` on the cached input; the outputs are stacked along the batch so that the
+    layers after it run once for all of them: V resets cost one pass of a V-times larger batch, which keeps a GPU
+    busy where V small passes would be bound by kernel launches.
+    """
+    xs = []
+    for module, state in resets:
+        with swapped(module, state):
+            xs.append(enc.layers[layer_idx](x=p.hidden[layer_idx], att_mask=p.att_mask, pos_emb=p.pos_emb,
+                                            pad_mask=p.pad_mask))
+    v = len(xs)
+    x = torch.cat(xs) if v > 1 else xs[0]
+    pad_mask = p.pad_mask.repeat(v, 1) if v > 1 else p.pad_mask
+    att_mask = p.att_mask.repeat(v, 1, 1) if v > 1 and p.att_mask is not None else p.att_mask
+    for layer in list(enc.layers)[layer_idx + 1:len(p.hidden) - 1]:
+        x = layer(x=x, att_mask=att_mask, pos_emb=p.pos_emb, pad_mask=pad_mask)
+    return list(output_from(enc, x).chunk(v))
+
+
+@dataclass
+class ProbeConfig:
+    """What to reset and how to label layers."""
+
+    modes: tuple[str, ...] = ("rerand",)  # reinit (needs an init snapshot) and/or rerand
+    unit: str = "block"  # block: a whole Conformer layer; module: ffn1 / attn / conv / ffn2 with its pre-norm
+    draws: int = 1  # re-rand draws averaged per unit
+    seed: int = 0  # re-rand draw d of unit u uses the seed seed * 1000003 + u * 1009 + d
+    ambient_rel_threshold: float = 0.10  # ambient if WER <= baseline * (1 + threshold) (Zhou gives no number)
+    n_ambient: int | None = None  # instead: the n units with the smallest WER change are ambient
+    batch_size: int = 16
+    max_utterances: int | None = None  # probe on the first N utterances (manifest sorted by duration)
+    loss: bool = True  # also the model's loss per reset (one more decoder/joint pass per batch and reset)
+    batch_variants: int = 1  # reset variants of one layer run through layers i+1.. as one batch (GPU: try 8)
+
+    def __post_init__(self) -> None:
+        self.modes = tuple(self.modes)
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"unknown probe mode(s) {bad or '(none)'}; choose from {', '.join(MODES)}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unknown unit {self.unit!r}; choose one of {', '.join(UNITS)}")
+        if self.draws < 1:
+            raise ValueError(f"draws must be >= 1, got {self.draws}")
+        if self.ambient_rel_threshold < 0:
+            raise ValueError("ambient_rel_threshold must be >= 0")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if self.batch_variants < 1:
+            raise ValueError(f"batch_variants must be >= 1, got {self.batch_variants}")
+
+
+@dataclass
+class ProbeReport:
+    baseline_wer: float
+    utterances: int
+    units: list[str]  # "layers.3" or "layers.3.attn"
+    wer: dict[str, list[float]] = field(default_factory=dict)  # mode -> per-unit WER after the reset
+    delta_wer: dict[str, list[float]] = field(default_factory=dict)
+    baseline_loss: float | None = None  # mean over utterances of the per-batch loss
+    loss: dict[str, list[float]] = field(default_factory=dict)  # mode -> per-unit loss after the reset
+    ambient: dict[str, list[str]] = field(default_factory=dict)
+    churn: dict[str, list[float]] | None = None  # per-layer ||W_t - W_0||_F / max over layers, per module kind
+    churn_rank_correlation: dict[str, float] | None = None  # mode -> Spearman(churn of each unit, its WER change)
+    config: dict = field(default_factory=dict)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+    def table(self) -> str:
+        modes = list(self.delta_wer)
+        head = f"{'unit':<18}" + "".join(f"{'dWER ' + m:>14}" for m in modes) + f"{'label':>10}"
+        loss = f", loss {self.baseline_loss:.3f}" if self.baseline_loss is not None else ""
+        lines = [f"baseline WER {self.baseline_wer:.4f}{loss} on {self.utterances} utterances", head]
+        first = modes[0]
+        for i, u in enumerate(self.units):
+            label = "ambient" if u in self.ambient[first] else "critical"
+            lines.append(f"{u:<18}" + "".join(f"{self.delta_wer[m][i]:>+14.4f}" for m in modes) + f"{label:>10}")
+        if self.churn_rank_correlation:
+            lines.append("rank correlation of weight churn and WER change: " + ", ".join(
+                f"{m} {r:+.3f}" for m, r in self.churn_rank_correlation.items()))
+        return "\n".join(lines)
+
+
+def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = None,
+          init: dict[str, torch.Tensor] | str | Path | None = None,
+          progress: Callable[[str], None] | None = None) -> ProbeReport:
+    """Reset each encoder unit in turn, measure WER, restore it exactly; return the per-unit report.
+
+    Works in place on ``model`` (CTC, RNNT or hybrid; any device) and leaves every weight as it found it, also
+    when interrupted. ``init``: the step-0 snapshot (dict or safetensors path), required for ``reinit``.
+
+    Example::
+
+        report = probe(model, "dev_manifest.json", ProbeConfig(modes=("reinit", "rerand"), draws=3),
+                       init="runs/init_layers.safetensors")
+        print(report.table())
+    """
+    cfg = config or ProbeConfig()
+    enc = conformer_encoder(model)
+    if isinstance(init, (str, Path)):
+        init = load_snapshot(init)
+    if "reinit" in cfg.modes and init is None:
+        raise ValueError("mode 'reinit' needs the step-0 init snapshot (init=...); without it only 'rerand' is "
+                         "possible (a pretrained .nemo does not carry its initial weights)")
+    if init is not None:
+        check_snapshot(model, init)
+    rows = read_manifest(manifest, cfg.max_utterances)
+    device = next(model.parameters()).device
+    units = probe_units(model, cfg.unit)
+    # every reset state is drawn once, before any batch (the same draw for every batch)
+    variants: dict[str, list[list[dict]]] = {}
+    for mode in cfg.modes:
+        if mode == "reinit":
+            variants[mode] = [[init_state(m, i, init)] for _, i, m in units]
+        else:
+            variants[mode] = [[fresh_draw(m, seed=cfg.seed * 1_000_003 + u * 1_009 + d) for d in range(cfg.draws)]
+                              for u, (_, _, m) in enumerate(units)]
+        variants[mode] = [[{k: v.to(device) for k, v in state.items()} for state in vs] for vs in variants[mode]]
+    # every (mode, unit, draw) of one layer shares that layer's cached input: group them for batched passes
+    by_layer: dict[int, list[tuple[str, int, int]]] = {}
+    for mode in cfg.modes:
+        for u, (_, layer_idx, _) in enumerate(units):
+            by_layer.setdefault(layer_idx, []).extend((mode, u, d) for d in range(len(variants[mode][u])))
+    was_training = model.training
+    model.eval()
+    refs: list[str] = []
+    base_hyps: list[str] = []
+    hyps = {mode: [[[] for _ in vs] for vs in variants[mode]] for mode in cfg.modes}
+    base_loss = 0.0  # summed as batch loss x batch size, divided by the utterance count at the end
+    losses = {mode: [[0.0 for _ in vs] for vs in variants[mode]] for mode in cfg.modes}
+    try:
+        for b, (audio, lengths, texts) in enumerate(audio_batches(rows, cfg.batch_size, model._cfg.sample_rate,
+                                                                   device)):
+            refs += texts
+            prefix = encode_prefix(model, audio, lengths)
+            with torch.no_grad():
+                out = run_layers(enc, prefix, len(prefix.hidden) - 1)
+                base_hyps += decode(model, out, prefix.length)
+                if cfg.loss:
+                    base_loss += batch_loss(model, out, prefix.length, texts) * len(texts)
+            for layer_idx, jobs in by_layer.items():
+                for start in range(0, len(jobs), cfg.batch_variants):
+                    group = jobs[start:start + cfg.batch_variants]
+                    if progress is not None:
+                        progress(f"batch {b} layers.{layer_idx} resets {start}..{start + len(group) - 1}")
+                    outs = run_variants(enc, prefix, layer_idx,
+                                        [(units[u][2], variants[mode][u][d]) for mode, u, d in group])
+                    length = prefix.length.repeat(len(group))
+                    texts_all = decode(model, torch.cat(outs) if len(outs) > 1 else outs[0], length)
+                    for k, (mode, u, d) in enumerate(group):
+                        hyps[mode][u][d] += texts_all[k * len(texts):(k + 1) * len(texts)]
+                        if cfg.loss:
+                            losses[mode][u][d] += batch_loss(model, outs[k], prefix.length, texts) * len(texts)
+    finally:
+        model.train(was_training)
+    base = wer(base_hyps, refs)
+    report = ProbeReport(baseline_wer=base, utterances=len(refs), units=[n for n, _, _ in units],
+                         config=asdict(cfg))
+    if cfg.loss:
+        report.baseline_loss = base_loss / len(refs)
+    for mode in cfg.modes:
+        if cfg.loss:
+            report.loss[mode] = [sum(per_draw) / len(per_draw) / len(refs) for per_draw in losses[mode]]
+        report.wer[mode] = [sum(wer(h, refs) for h in per_draw) / len(per_draw) for per_draw in hyps[mode]]
+        report.delta_wer[mode] = [w - base for w in report.wer[mode]]
+        report.ambient[mode] = ambient_units(report.units, report.delta_wer[mode], base, cfg)
+    if init is not None:
+        report.churn = churn(model, init)
+        unit_churn = [report.churn["block" if cfg.unit == "block" else u.rsplit(".", 1)[1]][int(u.split(".")[1])]
+                      for u in report.units]
+        report.churn_rank_correlation = {m: spearman(unit_churn, d) for m, d in report.delta_wer.items()}
+    return report
+
+
+def ambient_units(units: list[str], delta: list[float], base: float, cfg: ProbeConfig) -> list[str]:
+    """Ambient by the n smallest WER changes, or by a WER within (1 + threshold) x baseline."""
+    if cfg.n_ambient is not None:
+        order = sorted(range(len(units)), key=lambda i: (delta[i], i))
+        return [units[i] for i in sorted(order[: cfg.n_ambient])]
+    return [u for u, d in zip(units, delta) if d <= base * cfg.ambient_rel_threshold + 1e-12]

@@ -1,0 +1,111 @@
+"""Core helpers every capability uses on a NeMo ASR model: find its Conformer encoder, restore, copy and save.
+
+Capabilities (importance, federated dropout, depth, pruning, low rank) import these instead of each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def conformer_encoder(model: nn.Module) -> nn.Module:
+    """The model's Conformer encoder (ours or NeMo's), or a clear error."""
+    from nemo.collections.asr.modules.conformer_encoder import ConformerEncoder
+
+    enc = getattr(model, "encoder", None)
+    if not isinstance(enc, ConformerEncoder):
+        raise ValueError(f"model has no Conformer encoder (encoder is {type(enc).__name__}); this needs a "
+                         f"NeMo ConformerEncoder or nemo_layerfx GroupNormConformerEncoder")
+    if getattr(enc, "reduction_position", None) is not None:
+        raise ValueError("Conformer encoders with reduction_subsampling are not supported")
+    return enc
+
+
+def encoder_prefix(model: nn.Module) -> str:
+    """The state_dict prefix of the model's Conformer encoder (``encoder`` for NeMo's ASR models)."""
+    enc = conformer_encoder(model)
+    return next(name for name, m in model.named_modules() if m is enc)
+
+
+def _check_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such .nemo file: {path}")
+    import tarfile
+
+    if not tarfile.is_tarfile(path):
+        raise ValueError(f"{path} is not a .nemo file (a .nemo is a tar archive written by NeMo's save_to)")
+    return path
+
+
+def load_config(path: str | os.PathLike) -> Any:
+    """Model config of a ``.nemo`` file, with a clear error if the file is missing or not a NeMo archive."""
+    from nemo.collections.asr.models import ASRModel
+
+    path = _check_file(path)
+    try:
+        return ASRModel.restore_from(str(path), return_config=True, map_location="cpu")
+    except Exception as e:  # NeMo raises tarfile/yaml errors of several kinds on a bad archive
+        raise ValueError(f"{path} is not a readable .nemo archive ({type(e).__name__}: {e})") from e
+
+
+def restore(path: str | os.PathLike, override_config: Any = None, strict: bool = True):
+    """``ASRModel.restore_from`` on CPU, with a clear error for a missing, corrupt or truncated archive."""
+    from nemo.collections.asr.models import ASRModel
+
+    path = _check_file(path)
+    try:
+        return ASRModel.restore_from(str(path), override_config_path=override_config, map_location="cpu",
+                                     strict=strict)
+    except Exception as e:
+        raise ValueError(f"could not restore {path}: {type(e).__name__}: {e}") from e
+
+
+def check_output(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Refuse to overwrite a command's input; checked before anything is loaded."""
+    if Path(dst).resolve() == Path(src).resolve():
+        raise ValueError(f"refusing to overwrite the input model {src}; give a different output path")
+
+
+def save_nemo(model: nn.Module, dst: str | os.PathLike) -> Path:
+    """``model.save_to(dst)`` atomically: written under a temporary name in the same folder, then renamed, so
+    an interrupted save never leaves a half-written ``.nemo`` (nor replaces a good one)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".nemo", dir=dst.parent)
+    os.close(fd)
+    try:
+        model.save_to(tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dst
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """A deep copy of a NeMo model without its trainer and data loaders (which cannot be copied, and belong to the
+    original); the copy's ``training_step`` wrapper is rebuilt for the copy."""
+    from nemo.utils import model_utils
+
+    skip = ("_trainer", "_train_dl", "_validation_dl", "_test_dl", "training_step")
+    saved = {k: model.__dict__.pop(k) for k in skip if k in model.__dict__}
+    try:
+        clone = copy.deepcopy(model)
+    finally:
+        model.__dict__.update(saved)
+    clone._trainer, clone._train_dl, clone._validation_dl, clone._test_dl = None, None, None, None
+    if "training_step" in saved:
+        clone.training_step = model_utils.wrap_training_step(clone.training_step)
+    return clone
+
+
+def count_params(module: nn.Module) -> int:
+    """Distinct parameters (a tensor shared by several layers counts once)."""
+    return sum(p.numel() for p in module.parameters())

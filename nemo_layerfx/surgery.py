@@ -1,0 +1,125 @@
+"""Unit surgery: build a dense, smaller Conformer model that keeps given units, and the index maps between them.
+
+The unit map (``units.py``) says which tensor slices make a unit; this module applies it. Federated-dropout
+``extract`` and pruning build their smaller models here; ``mask_units_`` is the reference their exactness tests
+compare against (dropped units with zero outgoing weights).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from nemo_layerfx.models import clone_model, conformer_encoder, encoder_prefix
+from nemo_layerfx.units import KINDS, UNIT_MAP, check_sliceable, layer_tensor_index, n_units, unit_width
+
+Units = dict[int, dict[str, torch.Tensor]]  # layer -> unit kind -> kept unit indices (sorted)
+
+
+def sliceable_encoder(model: nn.Module) -> nn.Module:
+    """The model's Conformer encoder, checked to be sliceable by the unit map (clear error otherwise)."""
+    enc = conformer_encoder(model)
+    check_sliceable(enc)
+    return enc
+
+
+def tensor_index(model: nn.Module, units: Units) -> dict[str, tuple[int, torch.Tensor]]:
+    """state_dict key -> (dim, kept indices) for every sliced tensor of ``model`` (the full-size model)."""
+    enc = sliceable_encoder(model)
+    prefix = encoder_prefix(model)
+    out = {}
+    for i, layer in enumerate(enc.layers):
+        for kind in KINDS:
+            for path, (dim, idx) in layer_tensor_index(layer, kind, units[i][kind]).items():
+                out[f"{prefix}.layers.{i}.{path}"] = (dim, idx)
+    return out
+
+
+def slice_state(state: dict[str, torch.Tensor], index: dict[str, tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The submodel's tensors: each indexed tensor sliced, the rest shared as they are (not copied)."""
+    return {k: (v.index_select(index[k][0], index[k][1].to(v.device)) if k in index else v) for k, v in state.items()}
+
+
+def submodel_widths(model: nn.Module, units: Units) -> dict[str, list]:
+    """Encoder config entries (``ff_hidden``, ``layer_n_heads``, ``conv_channels``, ``conv_groups``) of the submodel."""
+    enc = sliceable_encoder(model)
+    widths: dict[str, list] = {"ff_hidden": [], "layer_n_heads": [], "conv_channels": [], "conv_groups": []}
+    for i, layer in enumerate(enc.layers):
+        u = units[i]
+        widths["ff_hidden"].append([len(u["ffn1"]), len(u["ffn2"])])
+        widths["layer_n_heads"].append(len(u["head"]))
+        widths["conv_groups"].append(len(u["conv"]))
+        widths["conv_channels"].append(len(u["conv"]) * unit_width(layer, "conv"))
+    return widths
+
+
+def build_submodel(model: nn.Module, units: Units) -> nn.Module:
+    """A new, dense model of ``model``'s class keeping ``units`` (d_model fixed); ``model`` is not modified.
+
+    The encoder config of the result states its per-layer widths (``ff_hidden``, ``layer_n_heads``,
+    ``conv_channels``, ``conv_groups``), so ``save_to`` / ``restore_from`` rebuild it; the tensors are copies.
+    """
+    from omegaconf import open_dict
+
+    enc = sliceable_encoder(model)
+    widths = submodel_widths(model, units)
+    sub_enc_cfg = copy.deepcopy(model.cfg.encoder)
+    with open_dict(sub_enc_cfg):
+        sub_enc_cfg.update(widths)
+    new_encoder = type(enc).from_config_dict(sub_enc_cfg)
+    sub = clone_model(model)
+    setattr(sub, encoder_prefix(model), new_encoder.to(next(enc.parameters()).device))
+    sliced = slice_state(model.state_dict(), tensor_index(model, units))
+    sub.load_state_dict({k: v.clone() for k, v in sliced.items()}, strict=True)
+    with open_dict(sub._cfg):
+        sub._cfg.encoder = sub_enc_cfg
+    return sub
+
+
+def units_to_lists(units: Units) -> dict[str, dict[str, list[int]]]:
+    """JSON-safe form of a unit map (for payloads, checkpoints and ``cfg.fd_submodel``)."""
+    return {str(i): {k: v.tolist() for k, v in u.items()} for i, u in units.items()}
+
+
+def units_from_lists(d: dict) -> Units:
+    return {int(i): {k: torch.tensor(v, dtype=torch.long) for k, v in u.items()} for i, u in d.items()}
+
+
+def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int]) -> int:
+    """Parameters of the model that keeps ``keep(layer, kind, n)`` units of each kind: arithmetic on the unit map."""
+    enc = sliceable_encoder(model)
+    total = sum(p.numel() for p in model.parameters())
+    params = dict(enc.named_parameters())
+    for i, layer in enumerate(enc.layers):
+        for kind in KINDS:
+            n = n_units(layer, kind)
+            kept = keep(i, kind, n)
+            per_unit = 0
+            for s in UNIT_MAP[kind]:
+                p = params.get(f"layers.{i}.{s.path}")
+                if p is None:
+                    continue
+                channels = {"channel": unit_width(layer, kind), "glu": 2 * unit_width(layer, kind), "unit": 1}[s.rule]
+                per_unit += p.numel() // p.shape[s.dim] * channels
+            total -= (n - kept) * per_unit
+    return total
+
+
+@torch.no_grad()
+def mask_units_(model: nn.Module, units: Units) -> None:
+    """In place: zero the outgoing weights of every dropped unit, so ``model`` computes what the submodel computes.
+
+    The reference for the exactness tests: an FFN unit, head or conv group with zero outgoing weights adds nothing.
+    """
+    enc = sliceable_encoder(model)
+    for i, layer in enumerate(enc.layers):
+        for kind, out_path in (("ffn1", "feed_forward1.linear2.weight"), ("ffn2", "feed_forward2.linear2.weight"),
+                               ("head", "self_attn.linear_out.weight"), ("conv", "conv.pointwise_conv2.weight")):
+            n = n_units(layer, kind)
+            dropped = torch.tensor(sorted(set(range(n)) - set(units[i][kind].tolist())), dtype=torch.long)
+            if len(dropped):
+                _, idx = layer_tensor_index(layer, kind, dropped)[out_path]
+                layer.get_parameter(out_path).index_fill_(1, idx.to(layer.get_parameter(out_path).device), 0.0)

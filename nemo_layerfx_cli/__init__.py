@@ -1,0 +1,213 @@
+"""``layerfx``: the things users do outside training.
+
+Parsing, help and argument checks import nothing but the standard library, so ``layerfx --help`` answers at once
+and a bad flag is reported before NeMo is imported or any model is loaded; the command itself runs in
+``nemo_layerfx.cli``. (This is a separate top-level package because importing anything under ``nemo_layerfx``
+imports NeMo, which takes about ten seconds.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EXAMPLES = """examples:
+  layerfx make-corpus --preset commands --n 1000 --out data/commands
+  layerfx convert-norm pretrained.nemo pretrained_gn.nemo --groups 8
+  layerfx probe model.nemo --manifest data/commands/dev_manifest.json --mode rerand --draws 3
+  layerfx compare runs/a/probe.json runs/b/probe.json
+  layerfx extract model.nemo client.nemo --rate 0.5 --kinds ffn head conv --seed 3
+  layerfx fl --config-name fd_ambient model=runs/pretrained.nemo plan.report=runs/probe/probe.json
+  layerfx lowrank model.nemo small.nemo --att 0.1,0.2 --ffn 0.2,0.5
+  layerfx merge small.nemo dense.nemo
+"""
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after every option's help; descriptions and examples keep their line breaks."""
+
+
+def _command(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}", formatter_class=_Help)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="layerfx", description="nemo_layerfx: the things users do outside training.",
+                                epilog=EXAMPLES, formatter_class=_Help)
+    p.add_argument("-v", "--verbose", action="store_true", help="show NeMo's and Lightning's info logs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = _command(sub, "make-corpus", "synthesize an offline speech corpus with espeak-ng (manifests + tokenizer)",
+                 "layerfx make-corpus --preset commands --n 1000 --out data/commands")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--preset", default="commands", choices=["commands", "sentences"],
+                   help="commands: 67-word smart-home grammar; sentences: WordNet example sentences")
+    c.add_argument("--n", type=int, default=1000, help="utterances in total (all splits)")
+    c.add_argument("--speakers", type=int, default=24, help="distinct voices (1-152)")
+    c.add_argument("--seed", type=int, default=0, help="utterance i depends only on (seed, i)")
+    c.add_argument("--workers", type=int, default=2, help="synthesis processes (the output does not depend on it)")
+    c.add_argument("--dev-frac", type=float, default=0.1, help="fraction of sentences held out for dev")
+    c.add_argument("--test-frac", type=float, default=0.1, help="fraction of sentences held out for test")
+    c.add_argument("--vocab", type=int, default=0, help="sentences: keep sentences of the K commonest words (0: all)")
+    c.add_argument("--vocab-size", type=int, default=0,
+                   help="tokenizer pieces (0: preset default, -1: no tokenizer)")
+
+    n = _command(sub, "convert-norm", "BatchNorm Conformer .nemo -> padding-exact GroupNorm .nemo (fine-tune after)",
+                 "layerfx convert-norm stt_conformer.nemo stt_conformer_gn8.nemo --groups 8")
+    n.add_argument("input", help="a Conformer .nemo (never modified)")
+    n.add_argument("output", help="where to write the converted .nemo")
+    n.add_argument("--groups", type=int, default=8, help="GroupNorm groups; must divide d_model")
+
+    pr = _command(sub, "probe", "ambient / critical Conformer layers of a .nemo by re-init / re-rand",
+                  "layerfx probe model.nemo --manifest data/commands/dev_manifest.json --mode rerand --draws 3")
+    pr.add_argument("model", help="a NeMo Conformer .nemo (CTC, RNNT or hybrid)")
+    pr.add_argument("--manifest", required=True, help="NeMo manifest of the evaluation utterances")
+    pr.add_argument("--mode", default="rerand", choices=["rerand", "reinit", "both"],
+                    help="rerand: fresh draw from the layer's initializers; reinit: its step-0 values (needs --init)")
+    pr.add_argument("--init", default=None, help="step-0 layer snapshot (.safetensors), needed for reinit")
+    pr.add_argument("--draws", type=int, default=1, help="re-rand draws averaged per unit")
+    pr.add_argument("--unit", default="block", choices=["block", "module"],
+                    help="block: a whole Conformer layer; module: its ffn1 / attn / conv / ffn2 separately")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the re-rand draws")
+    pr.add_argument("--threshold", type=float, default=0.10, help="ambient if WER <= baseline x (1 + threshold)")
+    pr.add_argument("--n-ambient", type=int, default=None, help="instead: label the n least important units ambient")
+    pr.add_argument("--batch-size", type=int, default=16, help="utterances per batch")
+    pr.add_argument("--max-utterances", type=int, default=None,
+                    help="probe on the first N utterances of the manifest (sorted by duration); default: all")
+    pr.add_argument("--batch-variants", type=int, default=1,
+                    help="resets of one layer evaluated as one batch through the layers after it (GPU: 8)")
+    pr.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
+    pr.add_argument("--out", default="runs/probe", help="folder for probe.json and probe.png")
+
+    ex = _command(sub, "extract", "a federated-dropout submodel of a GroupNorm Conformer .nemo, as a .nemo",
+                  "layerfx extract model.nemo client.nemo --rate 0.5 --kinds ffn head conv")
+    ex.add_argument("model", help="a GroupNorm Conformer .nemo (never modified)")
+    ex.add_argument("output", help="where to write the submodel .nemo")
+    ex.add_argument("--rate", type=float, default=0.5, help="dropout rate: the fraction of units dropped, in [0, 1)")
+    ex.add_argument("--kinds", nargs="+", default=["ffn"], choices=["ffn", "head", "conv"],
+                    help="unit kinds to drop: FFN hidden units, attention heads, conv GroupNorm groups")
+    ex.add_argument("--report", default=None, help="a block-level probe.json: apply --rate to --n targeted layers only")
+    ex.add_argument("--target", default="ambient", choices=["ambient", "critical"],
+                    help="with --report: which end of the ranking gets --rate (Zhou's Amb-n / Crit-n)")
+    ex.add_argument("--n", type=int, default=2, help="with --report: how many layers get --rate")
+    ex.add_argument("--base-rate", type=float, default=0.0, help="with --report: the rate on the other layers")
+    ex.add_argument("--seed", type=int, default=0, help="which units are kept")
+
+    fl = _command(sub, "fl", "federated dropout on Flower's simulation engine (conf/federated/*.yaml)",
+                  "layerfx fl --config-name fd_flat model=runs/pretrained.nemo rounds=5")
+    fl.add_argument("--config-name", default="fd_flat", help="fd_flat, fd_ambient, fd_critical or your own")
+    fl.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. plan.rate=0.3 num_clients=8")
+
+    cp = _command(sub, "compare", "agreement of layer rankings across probe reports",
+                  "layerfx compare runs/seed0/probe.json runs/seed1/probe.json --top-n 2")
+    cp.add_argument("reports", nargs="+", help="probe.json files of `layerfx probe` or the callback")
+    cp.add_argument("--mode", default="rerand", choices=["rerand", "reinit"], help="which reset's WER changes to rank")
+    cp.add_argument("--top-n", type=int, default=2, help="size of the most-ambient sets to overlap")
+    cp.add_argument("--out", default=None, help="also write the comparison as JSON here")
+
+    lr = _command(sub, "lowrank", "factorize a trained GroupNorm Conformer's linears by truncated SVD (U·Vᵀ)",
+                  "layerfx lowrank model.nemo small.nemo --att 0.1,0.2 --ffn 0.2,0.5")
+    lr.add_argument("input", help="a dense GroupNorm Conformer .nemo (never modified)")
+    lr.add_argument("output", help="where to write the low-rank .nemo")
+    spec = "rank as a fraction of min(m, n): A (uniform), A_I,A_F (linear ramp over blocks) or r:R0,R1,... (ranks)"
+    lr.add_argument("--att", default=None, help=f"attention linear_q/k/v/out/pos; {spec}")
+    lr.add_argument("--ffn", default=None, help=f"both FFNs' linear1/linear2; {spec}")
+    lr.add_argument("--conv", default=None, help=f"the conv module's pointwise convs; {spec}")
+    lr.add_argument("--multiple-of", type=int, default=1, help="round ranks up to a multiple of this")
+
+    mg = _command(sub, "merge", "turn a low-rank model back into a dense one (same outputs)",
+                  "layerfx merge small.nemo dense.nemo")
+    mg.add_argument("input", help="a low-rank .nemo (never modified)")
+    mg.add_argument("output", help="where to write the dense .nemo")
+    return p
+
+
+def _need_file(path: str, flag: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path}: no such file")
+
+
+def _distinct(src: str, dst: str) -> None:
+    if os.path.realpath(src) == os.path.realpath(dst):
+        raise ValueError(f"refusing to overwrite the input model {src}; give a different output path")
+
+
+def _spec(text: str | None, flag: str) -> None:
+    if text is None:
+        return
+    try:
+        if text.startswith("r:"):
+            ranks = [int(v) for v in text[2:].split(",")]
+            if min(ranks) < 1:
+                raise ValueError
+            return
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text}: use A (uniform α), A_I,A_F (ramp) or r:R0,R1,... (ranks >= 1)") from None
+    if len(values) > 2 or not all(0.0 < v <= 1.0 for v in values):
+        raise ValueError(f"{flag} {text}: α values must be in (0, 1], one (uniform) or two (ramp)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cheap checks of a command's flags, before anything heavy is imported; errors name the flag."""
+    cmd = args.command
+    if cmd == "probe":
+        _need_file(args.model, "model")
+        _need_file(args.manifest, "--manifest")
+        if args.mode in ("reinit", "both") and args.init is None:
+            raise ValueError(f"--mode {args.mode} needs --init INIT.safetensors (the step-0 snapshot saved at fit "
+                             f"start); a pretrained .nemo does not carry its initial weights, so use --mode rerand")
+        if args.init is not None:
+            _need_file(args.init, "--init")
+        for flag, value, low in (("--draws", args.draws, 1), ("--batch-size", args.batch_size, 1),
+                                 ("--batch-variants", args.batch_variants, 1)):
+            if value < low:
+                raise ValueError(f"{flag} {value}: must be >= {low}")
+        if args.threshold < 0:
+            raise ValueError(f"--threshold {args.threshold}: must be >= 0")
+    elif cmd == "extract":
+        _need_file(args.model, "model")
+        _distinct(args.model, args.output)
+        for flag, rate in (("--rate", args.rate), ("--base-rate", args.base_rate)):
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"{flag} {rate}: a dropout rate is the fraction of units dropped, in [0, 1)")
+        if args.report is not None:
+            _need_file(args.report, "--report")
+            if args.n < 1:
+                raise ValueError(f"--n {args.n}: must be >= 1")
+    elif cmd in ("convert-norm", "lowrank", "merge"):
+        _need_file(args.input, "input")
+        _distinct(args.input, args.output)
+        if cmd == "lowrank":
+            for flag in ("--att", "--ffn", "--conv"):
+                _spec(getattr(args, flag[2:]), flag)
+            if args.att is None and args.ffn is None and args.conv is None:
+                raise ValueError("give at least one of --att, --ffn, --conv (e.g. --att 0.1,0.2 --ffn 0.2,0.5)")
+            if args.multiple_of < 1:
+                raise ValueError(f"--multiple-of {args.multiple_of}: must be >= 1")
+    elif cmd == "compare":
+        for path in args.reports:
+            _need_file(path, "report")
+    elif cmd == "make-corpus":
+        if args.n < 1:
+            raise ValueError(f"--n {args.n}: must be >= 1")
+        if not 1 <= args.speakers <= 152:
+            raise ValueError(f"--speakers {args.speakers}: speakers must be between 1 and 152")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"layerfx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    from nemo_layerfx.cli import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
