@@ -106,6 +106,19 @@ def clone_model(model: nn.Module) -> nn.Module:
     return clone
 
 
+def read_report(report: Any) -> dict:
+    """A probe report as a dict, from a ``ProbeReport``, its dict or a probe.json path (clear error if missing)."""
+    import json
+    from dataclasses import asdict, is_dataclass
+
+    if isinstance(report, (str, Path)):
+        path = Path(report)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such probe report: {path}")
+        return json.loads(path.read_text())
+    return asdict(report) if is_dataclass(report) else dict(report)
+
+
 def count_params(module: nn.Module) -> int:
     """Distinct parameters (a tensor shared by several layers counts once)."""
     return sum(p.numel() for p in module.parameters())

@@ -15,7 +15,7 @@ from nemo_layerfx.encoder import GroupNormConformerEncoder
 from nemo_layerfx.fd import DropoutPlan, extract
 from nemo_layerfx.importance import ProbeConfig, layer_snapshot, probe
 from nemo_layerfx.lowrank import (
-    LowRankConfig, LowRankLinear, block_alphas, factorized_params, low_rank_modules, lowrank, merge, rank_for,
+    LowRankLinear, block_alphas, factorized_params, low_rank_modules, lowrank, merge, rank_for,
 )
 from nemo_layerfx.models import restore
 from nemo_layerfx.train import model_class, train
@@ -113,7 +113,7 @@ PAPER_ROWS = [  # (MHSA spec, FFN spec, #params printed in the paper, millions)
 def paper_savings(att, ffn) -> int:
     saved = 0
     for blocks, n_att, n_ffn in ((12, 5, 2), (6, 8, 1)):  # encoder and decoder ramp separately (B = 12, 6)
-        for group, spec, shapes in (("att", att, [(768, 768)] * n_att), ("ffn", ffn, [(3072, 768), (768, 3072)] * n_ffn)):
+        for spec, shapes in ((att, [(768, 768)] * n_att), (ffn, [(3072, 768), (768, 3072)] * n_ffn)):
             if spec is None:
                 continue
             for b, alpha in enumerate(block_alphas(list(spec) if isinstance(spec, tuple) else spec, blocks)):
@@ -299,3 +299,24 @@ def test_kaiming_init_is_the_papers_ablation():
     s_u, s_v = torch.linalg.svdvals(lin.U), torch.linalg.svdvals(lin.Vt)
     assert not torch.allclose(s_u, s_v, rtol=1e-2)  # not a spectral init
 
+
+
+@pytest.mark.unit
+def test_energy_rank_and_probe_ordered_alphas():
+    from nemo_layerfx.lowrank import alphas_from_report, energy_profile, energy_rank
+
+    q1, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    w = q1[:, :5] @ torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0], dtype=torch.float64)) @ q2.T
+    assert [energy_rank(w, e) for e in (0.6, 0.9, 0.95, 1.0)] == [1, 2, 3, 3]  # energies 9/14, 13/14, 14/14
+    report = {"units": ["layers.0", "layers.1", "layers.2", "layers.3"], "delta_wer": {"rerand": [0.3, 0.0, 0.1, 0.05]}}
+    assert alphas_from_report(report, 0.1, 0.2) == pytest.approx([0.175, 0.1, 0.15, 0.125])
+    enc = encoder({"ffn": {"alphas": [0.5, 0.25, 0.125]}, "att": 1.0}, d_model=64)
+    assert [layer.feed_forward2.linear2.rank for layer in enc.layers] == [32, 16, 8]
+    model = type("M", (nn.Module,), {})()
+    model.encoder = enc
+    profile = energy_profile(model)
+    assert all(0 < v <= 1 for g in ("att", "ffn", "conv") for v in profile[g]) and len(profile["ffn"]) == 3
+    assert profile["ffn"][2] <= 8 / 64  # a rank-8 map cannot need more than 8 singular values
+    with pytest.raises(ValueError, match="needs a block-level probe report"):
+        alphas_from_report({"units": ["layers.0.attn"], "delta_wer": {"rerand": [0.1]}}, 0.1, 0.2)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from nemo_layerfx.models import read_report
 from nemo_layerfx.surgery import Units, sliceable_encoder
 from nemo_layerfx.units import KINDS, n_units
 
@@ -66,7 +65,7 @@ class DropoutPlan:
         """
         if target not in ("ambient", "critical"):
             raise ValueError(f"target must be 'ambient' or 'critical', got {target!r}")
-        r = _report_dict(report)
+        r = read_report(report)
         if mode not in r.get("delta_wer", {}):
             raise ValueError(f"the report has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
         layers = _block_layers(r)
@@ -76,7 +75,8 @@ class DropoutPlan:
         order = sorted(range(len(delta)), key=lambda k: (delta[k], k), reverse=target == "critical")
         chosen = {layers[k] for k in order[:n]}
         per_layer = [rate if i in chosen else base_rate for i in range(len(layers))]
-        label = f"{'Amb' if target == 'ambient' else 'Crit'}-{n} {rate:.0%}" + (f" | flat {base_rate:.0%}" if base_rate else "")
+        label = f"{'Amb' if target == 'ambient' else 'Crit'}-{n} {rate:.0%}"
+        label += f" | flat {base_rate:.0%}" if base_rate else ""
         return cls({k: list(per_layer) for k in kinds}, mapping, label=label)  # one rate per report layer
 
     def check(self, model: nn.Module) -> None:
@@ -99,15 +99,6 @@ class DropoutPlan:
     @classmethod
     def from_dict(cls, d: dict) -> DropoutPlan:
         return cls(rates=d["rates"], mapping=d.get("mapping", "pcpr"), label=d.get("label", ""))
-
-
-def _report_dict(report: Any) -> dict:
-    if isinstance(report, (str, Path)):
-        path = Path(report)
-        if not path.is_file():
-            raise FileNotFoundError(f"no such probe report: {path}")
-        return json.loads(path.read_text())
-    return report if isinstance(report, dict) else asdict(report)
 
 
 def _block_layers(report: dict) -> list[int]:

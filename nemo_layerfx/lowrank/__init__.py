@@ -11,6 +11,7 @@ Importing this package registers the ``low_rank`` encoder option (``import nemo_
 """
 
 from nemo_layerfx.encoder import register_encoder_option
+from nemo_layerfx.lowrank.analysis import alphas_from_report, energy_profile, energy_rank
 from nemo_layerfx.lowrank.config import LowRankConfig, block_alphas, parse_spec, rank_for
 from nemo_layerfx.lowrank.linear import LowRankLinear, factorized_params, spectral_factors
 from nemo_layerfx.lowrank.rewrite import (
@@ -19,6 +20,7 @@ from nemo_layerfx.lowrank.rewrite import (
 
 register_encoder_option("low_rank", apply_option, order=20)
 
-__all__ = ["LowRankConfig", "LowRankLinear", "RankReport", "block_alphas", "factorize_", "factorized_params",
+__all__ = ["alphas_from_report", "energy_profile", "energy_rank", "LowRankConfig", "LowRankLinear", "RankReport",
+           "block_alphas", "factorize_", "factorized_params",
            "low_rank_modules", "lowrank", "lowrank_file", "merge", "merge_file", "parse_spec", "rank_for",
            "spectral_factors"]

@@ -6,7 +6,8 @@ The rank of a linear W (m x n) in block b is r_b = α_b · min(m, n), rounded ha
 - a number α: every block (the paper's "uniform");
 - a pair [α_i, α_f]: the linear ramp α_b = b (α_f − α_i) / B + α_i over blocks b = 0..B−1 (LR-SMS: the first block
   gets α_i, the last α_i + (B−1)/B (α_f − α_i); this convention reproduces the paper's parameter counts);
-- ``{ranks: [r_0, ..., r_{B-1}]}``: explicit ranks per block (e.g. derived from a probe report);
+- ``{alphas: [α_0, ..., α_{B-1}]}``: explicit α per block (e.g. ``alphas_from_report``: ordered by a probe);
+- ``{ranks: [r_0, ..., r_{B-1}]}``: explicit ranks per block;
 - null: the group stays full rank (not factorized).
 """
 
@@ -98,7 +99,7 @@ class LowRankConfig:
     def rank(self, group: str, block: int, n_blocks: int, m: int, n: int) -> int:
         """The rank of an m x n linear of ``group`` in block ``block`` of ``n_blocks``."""
         spec = getattr(self, group)
-        if isinstance(spec, dict):
+        if isinstance(spec, dict) and "ranks" in spec:
             ranks = spec["ranks"]
             if len(ranks) != n_blocks:
                 raise ValueError(f"low_rank.{group}.ranks has {len(ranks)} entries but the encoder has {n_blocks} "
@@ -115,8 +116,16 @@ def _check_spec(group: str, spec: Any) -> Any:
     if spec is None:
         return None
     if isinstance(spec, dict):
-        if set(spec) != {"ranks"}:
-            raise ValueError(f"low_rank.{group}: a mapping spec must be {{ranks: [r_0, ...]}}, got keys {sorted(spec)}")
+        if set(spec) not in ({"ranks"}, {"alphas"}):
+            raise ValueError(f"low_rank.{group}: a mapping spec must be {{ranks: [r_0, ...]}} or "
+                             f"{{alphas: [α_0, ...]}}, got keys {sorted(spec)}")
+        if "alphas" in spec:
+            alphas = list(spec["alphas"])
+            bad = [a for a in alphas if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1]
+            if bad or not alphas:
+                raise ValueError(f"low_rank.{group}.alphas must be numbers in (0, 1], one per block; "
+                                 f"got {bad or alphas}")
+            return {"alphas": [float(a) for a in alphas]}
         ranks = list(spec["ranks"])
         bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
         if bad or not ranks:
@@ -134,9 +143,15 @@ def _check_spec(group: str, spec: Any) -> Any:
 
 
 def block_alphas(spec: Any, n_blocks: int) -> list[float] | None:
-    """α_b for b = 0..B−1: uniform, or the linear ramp b (α_f − α_i) / B + α_i; None for explicit ranks / None."""
-    if spec is None or isinstance(spec, dict):
+    """α_b for b = 0..B−1: uniform, the linear ramp b (α_f − α_i) / B + α_i, or explicit; None for explicit ranks
+    or no spec."""
+    if spec is None or (isinstance(spec, dict) and "ranks" in spec):
         return None
+    if isinstance(spec, dict):
+        if len(spec["alphas"]) != n_blocks:
+            raise ValueError(f"low_rank alphas has {len(spec['alphas'])} entries but the encoder has {n_blocks} "
+                             f"blocks; give one α per block")
+        return list(spec["alphas"])
     if isinstance(spec, (int, float)):
         return [float(spec)] * n_blocks
     a_i, a_f = spec

@@ -1,0 +1,62 @@
+"""The `layerfx` command as a new user meets it: instant, complete help; flag errors before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from nemo_layerfx_cli import build_parser, main
+
+
+@pytest.mark.unit
+def test_help_imports_neither_torch_nor_nemo():
+    """Help is instant because the parser imports only the standard library (checked, not timed)."""
+    code = ("import sys, contextlib, io\nfrom nemo_layerfx_cli import build_parser, main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    for argv in (['--help'], ['probe', '--help'], ['lowrank', '--help']):\n"
+            "        try:\n            main(argv)\n        except SystemExit:\n            pass\n"
+            "heavy = sorted(m for m in ('torch', 'nemo', 'lightning', 'nemo_layerfx') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+@pytest.mark.unit
+def test_every_option_of_every_command_is_explained_with_an_example():
+    parser = build_parser()
+    for name, sub in _subparsers(parser).items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"layerfx {name}: {action.option_strings or action.dest} has no help text"
+        text = sub.format_help()
+        assert f"example:\n  layerfx {name}" in text, f"layerfx {name} --help has no example on its own line"
+        assert sub.description, name
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv, message", [
+    (["extract", "{model}", "out.nemo", "--rate", "1.5"], "--rate 1.5: a dropout rate is the fraction of units dropped"),
+    (["extract", "{model}", "{model}"], "refusing to overwrite the input model"),
+    (["extract", "missing.nemo", "out.nemo"], "model missing.nemo: no such file"),
+    (["probe", "{model}", "--manifest", "nope.json"], "--manifest nope.json: no such file"),
+    (["probe", "{model}", "--manifest", "{model}", "--mode", "reinit"], "--mode reinit needs --init"),
+    (["probe", "{model}", "--manifest", "{model}", "--draws", "0"], "--draws 0: must be >= 1"),
+    (["lowrank", "{model}", "out.nemo", "--att", "0.1,x"], "--att 0.1,x: use A (uniform α)"),
+    (["make-corpus", "--out", "x", "--n", "0"], "--n 0: must be >= 1"),
+])
+def test_bad_flags_fail_before_anything_is_loaded(tmp_path, capsys, argv, message):
+    model = tmp_path / "model.nemo"
+    model.write_bytes(b"not looked at: the flag check comes first")
+    code = main([a.replace("{model}", str(model)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err  # one line; the garbage model never read
