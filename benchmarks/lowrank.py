@@ -33,9 +33,10 @@ TARGETS = {"encoder_params": 0.5, "train_speedup": 1.4}
 
 
 def build(args, low_rank: dict | None):
-    over = [f"corpus_dir={args.corpus}", f"model.encoder.n_layers={args.layers}", f"model.encoder.d_model={args.d_model}",
-            f"model.encoder.n_heads={args.heads}", f"model.encoder.subsampling_conv_channels={args.subsampling_channels}",
-            f"model.encoder.conv_kernel_size={args.kernel}", "model.encoder.dropout=0", "model.encoder.dropout_att=0"]
+    enc = "model.encoder."
+    over = [f"corpus_dir={args.corpus}", f"{enc}n_layers={args.layers}", f"{enc}d_model={args.d_model}",
+            f"{enc}n_heads={args.heads}", f"{enc}subsampling_conv_channels={args.subsampling_channels}",
+            f"{enc}conv_kernel_size={args.kernel}", f"{enc}dropout=0", f"{enc}dropout_att=0"]
     if low_rank is not None:
         over.append("+model.encoder.low_rank=" + json.dumps(low_rank).replace('"', ""))
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def main() -> None:
     p.add_argument("--att", default="0.1,0.2", help="MHSA rank spec (layerfx lowrank syntax)")
     p.add_argument("--ffn", default="0.2,0.5", help="FFN rank spec")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
@@ -88,7 +89,8 @@ def main() -> None:
         tmp.cleanup()
     enc_ratio = params["lowrank"]["encoder"] / params["full"]["encoder"]
     met = {"encoder_params <= 0.5": enc_ratio <= TARGETS["encoder_params"],
-           **{f"train_speedup >= 1.4 ({k})": v["train_speedup"] >= TARGETS["train_speedup"] for k, v in settings.items()},
+           **{f"train_speedup >= 1.4 ({k})": v["train_speedup"] >= TARGETS["train_speedup"]
+              for k, v in settings.items()},
            **{f"memory lower ({k})": v["memory_ratio"] < 1 for k, v in settings.items()}}
     result = {"benchmark": "LR-SMS low-rank vs full-rank GroupNorm Conformer-CTC", **machine(), "config": vars(args),
               "low_rank": spec, "params": params, "encoder_param_ratio": enc_ratio, "settings": settings,
@@ -98,22 +100,25 @@ def main() -> None:
     stem = f"lowrank_{result['device']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     hw = result["gpu"] or f"CPU, {result['cpu_threads']} threads"
+    front = args.subsampling_channels if args.subsampling_channels > 0 else args.d_model
     lines = [f"# Low-rank (LR-SMS) vs full rank ({hw}; torch {torch.__version__})", "",
-             (f"GroupNorm Conformer-CTC from scratch, {args.layers} layers, d_model {args.d_model}, {args.heads} heads, "
-              f"conv kernel {args.kernel}, front-end width {args.subsampling_channels if args.subsampling_channels > 0 else args.d_model}; "
+             (f"GroupNorm Conformer-CTC from scratch, {args.layers} layers, d_model {args.d_model}, {args.heads} "
+              f"heads, conv kernel {args.kernel}, front-end width {front}; "
               f"low rank: MHSA {args.att}, FFN {args.ffn} (rank = α·min(m, n), ramps over blocks). Batches of "
               f"{args.batch} real utterances; {args.rounds} interleaved rounds per measurement; training step = "
               f"forward + CTC + backward + AdamW."), "",
              "| | full rank | low rank | ratio |", "|---|---|---|---|",
-             f"| encoder parameters | {params['full']['encoder']:,} | {params['lowrank']['encoder']:,} | {enc_ratio:.3f} (target <= 0.5) |",
+             f"| encoder parameters | {params['full']['encoder']:,} | {params['lowrank']['encoder']:,} | "
+             f"{enc_ratio:.3f} (target <= 0.5) |",
              f"| model parameters | {params['full']['model']:,} | {params['lowrank']['model']:,} | "
              f"{params['lowrank']['model'] / params['full']['model']:.3f} |", "",
-             "| batch | train step full / low (s) | train speed-up (target >= 1.4) | FLOP-limited speed-up | achieved share | "
-             "inference speed-up | training memory low / full |", "|---|---|---|---|---|---|---|"]
+             "| batch | train step full / low (s) | train speed-up (target >= 1.4) | FLOP-limited speed-up | "
+             "achieved share | inference speed-up | training memory low / full |", "|---|---|---|---|---|---|---|"]
     for k, v in settings.items():
         lines.append(f"| {k}, mean {v['mean_seconds']:.1f} s | {v['train_step_s']['full']:.3f} / "
-                     f"{v['train_step_s']['lowrank']:.3f} | {v['train_speedup']:.2f}x | {v['flop_limited_speedup']:.2f}x | "
-                     f"{v['share_of_flop_limit']:.0%} | {v['inference_speedup']:.2f}x | {v['memory_ratio']:.3f} |")
+                     f"{v['train_step_s']['lowrank']:.3f} | {v['train_speedup']:.2f}x | "
+                     f"{v['flop_limited_speedup']:.2f}x | {v['share_of_flop_limit']:.0%} | "
+                     f"{v['inference_speedup']:.2f}x | {v['memory_ratio']:.3f} |")
     lines += ["", "Targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".",
               "", "FLOP-limited speed-up: FLOPs of the full step / FLOPs of the low-rank step (what a purely "
               "compute-bound step would gain). Training memory: parameters + gradients + Adam moments + tensors "
