@@ -1,12 +1,12 @@
 """nemo_layerfx: cheaper Conformer ASR training in NeMo by exploiting how unequal its layers are.
 
 Importing the package registers it with NeMo (``_target_`` allow-list, adapter registry) and registers the
-encoder options of the capability subpackages (``low_rank``), so configs and ``.nemo`` files that name
+encoder options of the capability subpackages (``low_rank``, ``depth_sampling``, ``adaptive_dropout``), so configs and ``.nemo`` files that name
 ``nemo_layerfx.*`` classes build and restore.
 
 Layout: the core (``encoder``, ``units``, ``surgery``, ``models``, ``evaluate``, ``registration``, ``train``) and
 one subpackage per capability: ``importance``, ``fd`` (federated dropout), ``fl`` (Flower apps, optional),
-``lowrank``. Capabilities import the core, not each other.
+``lowrank``, ``depth``, ``pruning``. Capabilities import the core, not each other.
 """
 
 from nemo_layerfx.registration import register
@@ -35,6 +35,8 @@ from nemo_layerfx.fd import (  # noqa: E402
     plan_param_count,
 )
 from nemo_layerfx.lowrank import LowRankConfig, LowRankLinear, lowrank, merge  # noqa: E402
+from nemo_layerfx.depth import DepthSampling, depth_sweep, set_inference_depth, unshare  # noqa: E402
+from nemo_layerfx.pruning import AdaptiveDropout, prune, survival_report  # noqa: E402
 from nemo_layerfx.models import clone_model, conformer_encoder, restore  # noqa: E402
 from nemo_layerfx.units import UNIT_MAP  # noqa: E402
 from nemo_layerfx.encoder import (  # noqa: E402
@@ -47,6 +49,8 @@ from nemo_layerfx.encoder import (  # noqa: E402
 __version__ = "0.2.0"
 
 __all__ = [
+    "AdaptiveDropout",
+    "DepthSampling",
     "DropoutPlan",
     "ServerOptimizer",
     "UNIT_MAP",
@@ -65,17 +69,22 @@ __all__ = [
     "ProbeReport",
     "clone_model",
     "conformer_encoder",
+    "depth_sweep",
     "layer_snapshot",
     "load_snapshot",
     "lowrank",
     "merge",
     "plot_report",
     "probe",
+    "prune",
     "restore",
     "save_snapshot",
+    "set_inference_depth",
+    "unshare",
     "MaskedConformerConvolution",
     "MaskedGroupNorm",
     "convert_norm",
     "register",
     "stock_encoder_config",
+    "survival_report",
 ]

@@ -9,6 +9,10 @@
     layerfx fl --config-name fd_ambient model=runs/pretrained.nemo plan.report=runs/probe/probe.json
     layerfx lowrank model.nemo small.nemo --att 0.1,0.2 --ffn 0.2,0.5
     layerfx merge small.nemo dense.nemo
+    layerfx depth-sweep model.nemo --manifest dev_manifest.json --probe runs/probe/probe.json
+    layerfx unshare shared.nemo unshared.nemo
+    layerfx set-depth model.nemo model_sli5.nemo --depth 5
+    layerfx prune gated.nemo pruned.nemo --report runs/survival
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def _make_corpus(args: argparse.Namespace) -> int:
     cfg = CorpusConfig(out=args.out, preset=args.preset, n=args.n, speakers=args.speakers, seed=args.seed,
                        workers=args.workers, dev_frac=args.dev_frac, test_frac=args.test_frac, vocab=args.vocab,
                        vocab_size=args.vocab_size)
-    info = make_corpus(cfg)
+    info = make_corpus(cfg, progress=True)
     print(json.dumps({k: info[k] for k in ("utterances", "hours", "speakers", "words", "tokenizer")}, indent=2))
     print(f"corpus written to {args.out}")
     return 0
@@ -140,8 +144,68 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from nemo_layerfx.depth import depth_sweep, plot_sweep
+    from nemo_layerfx.evaluate import read_manifest
+    from nemo_layerfx.models import read_report, restore
+
+    probe = read_report(args.probe) if args.probe else None
+    model = restore(args.model)
+    if args.device:
+        model = model.to(args.device)
+    n = len(read_manifest(args.manifest, args.max_utterances))
+    with tqdm(total=-(-n // args.batch_size), desc="depth sweep", unit="batch", leave=False, file=sys.stderr) as bar:
+        report = depth_sweep(model, args.manifest, args.batch_size, args.max_utterances,
+                             progress=lambda b: bar.update(1))
+    out = Path(args.out)
+    report.to_json(out / "depth_sweep.json")
+    plot_sweep(report, out / "depth_sweep.png", probe=probe)
+    print(report.table(probe))
+    print(f"wrote {out / 'depth_sweep.json'} and {out / 'depth_sweep.png'}")
+    return 0
+
+
+def _unshare(args: argparse.Namespace) -> int:
+    from nemo_layerfx.depth import unshare_file
+
+    counts = unshare_file(args.input, args.output)
+    print(f"parameters: {counts['before']:,} -> {counts['after']:,} (every depth owns its layer; same outputs)")
+    print(f"wrote {args.output} (input {args.input} unchanged)")
+    return 0
+
+
+def _set_depth(args: argparse.Namespace) -> int:
+    from nemo_layerfx.depth import set_depth_file
+
+    n = set_depth_file(args.input, args.output, args.depth or None)
+    print(f"inference depth {args.depth or n} of {n} layers; wrote {args.output} (input {args.input} unchanged)")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from nemo_layerfx.models import check_output, restore, save_nemo
+    from nemo_layerfx.pruning import plot_survival, prune, survival_report
+
+    check_output(args.input, args.output)
+    model = restore(args.input)
+    if args.report:
+        report = survival_report(model)
+        report.to_json(Path(args.report) / "survival.json")
+        plot_survival(report, Path(args.report) / "survival.png")
+        print(report.table())
+    small, pruned = prune(model)
+    save_nemo(small, args.output)
+    for line in pruned.lines():
+        print(line)
+    print(f"wrote {args.output} (input {args.input} unchanged)")
+    return 0
+
+
 COMMANDS = {"make-corpus": _make_corpus, "convert-norm": _convert_norm, "probe": _probe, "extract": _extract,
-            "fl": _fl, "compare": _compare, "lowrank": _lowrank, "merge": _merge}
+            "fl": _fl, "compare": _compare, "lowrank": _lowrank, "merge": _merge, "depth-sweep": _depth_sweep,
+            "unshare": _unshare, "set-depth": _set_depth, "prune": _prune}
 
 
 def quiet_logs(verbose: bool = False) -> None:

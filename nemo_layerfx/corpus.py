@@ -26,9 +26,11 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import wave
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -211,6 +213,21 @@ def write_manifest(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+@contextmanager
+def _stderr_to(path: Path):
+    """Send file descriptor 2 (where C/C++ libraries log) to ``path`` for the duration of the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "w") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def train_tokenizer(text_rows: list[str], out_dir: Path, vocab_size: int) -> Path:
     """SentencePiece BPE tokenizer (NeMo's ``create_spt_model``) on the training transcripts."""
     from nemo.collections.common.tokenizers.sentencepiece_tokenizer import create_spt_model
@@ -219,8 +236,9 @@ def train_tokenizer(text_rows: list[str], out_dir: Path, vocab_size: int) -> Pat
     text_file = out_dir / "train_text.txt"
     text_file.write_text("\n".join(text_rows) + "\n")
     try:
-        model_path, _ = create_spt_model(str(text_file), vocab_size, sample_size=-1, do_lower_case=True,
-                                         tokenizer_type="bpe", output_dir=str(out_dir))
+        with _stderr_to(out_dir / "train_tokenizer.log"):  # SentencePiece's C++ trainer prints ~80 lines there
+            model_path, _ = create_spt_model(str(text_file), vocab_size, sample_size=-1, do_lower_case=True,
+                                             tokenizer_type="bpe", output_dir=str(out_dir))
     except RuntimeError as e:
         raise ValueError(f"tokenizer vocab_size={vocab_size} does not fit this corpus' text ({e}); "
                          f"pass a smaller --vocab-size") from e
@@ -253,8 +271,10 @@ class CorpusConfig:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
 
 
-def make_corpus(cfg: CorpusConfig) -> dict:
-    """Build the corpus described by ``cfg`` into ``cfg.out`` and return its summary (also in corpus_info.json)."""
+def make_corpus(cfg: CorpusConfig, progress: bool = False) -> dict:
+    """Build the corpus described by ``cfg`` into ``cfg.out`` and return its summary (also in corpus_info.json).
+
+    ``progress`` shows a progress bar of the synthesis on stderr (``layerfx make-corpus`` turns it on)."""
     check_tools()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,11 +283,14 @@ def make_corpus(cfg: CorpusConfig) -> dict:
     utts = [plan_utterance(i, cfg.seed, cfg.preset, pool, speakers, cfg.dev_frac, cfg.test_frac)
             for i in range(cfg.n)]
     jobs = [(u, str(out)) for u in utts]
-    if cfg.workers == 1:
-        rows = [_render(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(cfg.workers) as ex:
-            rows = list(ex.map(_render, jobs, chunksize=16))
+    from tqdm import tqdm
+
+    with tqdm(total=len(jobs), desc="synthesizing", unit="utt", leave=False, disable=not progress) as bar:
+        rows = []
+        with ProcessPoolExecutor(cfg.workers) if cfg.workers > 1 else nullcontext() as ex:
+            for r in (ex.map(_render, jobs, chunksize=16) if ex is not None else map(_render, jobs)):
+                rows.append(r)
+                bar.update(1)
 
     by_split: dict[str, list[dict]] = {"train": [], "dev": [], "test": []}
     for u, r in zip(utts, rows):

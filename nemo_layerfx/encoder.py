@@ -30,10 +30,14 @@ from nemo.collections.asr.parts.submodules.conformer_modules import ConformerFee
 from nemo.collections.asr.parts.submodules.multi_head_attention import MultiHeadAttention
 from nemo.collections.asr.parts.utils.activations import Swish
 
+from nemo_layerfx.attention import RaggedMultiHeadAttention
+
 STOCK_ENCODER_TARGET = "nemo.collections.asr.modules.ConformerEncoder"
 ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
 # Keys our encoder adds to NeMo's signature; stock NeMo rejects them, so they are dropped when exporting.
-LAYERFX_ONLY_KEYS = ("ff_hidden", "layer_n_heads", "conv_channels", "conv_groups")
+LAYERFX_ONLY_KEYS = ("ff_hidden", "layer_n_heads", "conv_channels", "conv_groups", "layer_qk_dims", "layer_v_dims",
+                     "share_layers", "inference_depth")
+LAYERFX_FLAGS = {"macaron_ffn": True}  # keys stock NeMo lacks, harmless at their default
 _GROUP_NORM = re.compile(r"^group_norm(\d+)$")
 
 
@@ -49,14 +53,16 @@ class EncoderOption:
     name: str
     apply: Callable[[nn.Module, Any], None]
     order: int = 0
+    training_only: bool = False  # changes how the model trains, not its parameters or what inference computes
 
 
 ENCODER_OPTIONS: dict[str, EncoderOption] = {}
 
 
-def register_encoder_option(name: str, apply: Callable[[nn.Module, Any], None], order: int = 0) -> None:
+def register_encoder_option(name: str, apply: Callable[[nn.Module, Any], None], order: int = 0,
+                            training_only: bool = False) -> None:
     """Make ``name`` a key of GroupNormConformerEncoder's config (idempotent for the same function)."""
-    ENCODER_OPTIONS[name] = EncoderOption(name, apply, order)
+    ENCODER_OPTIONS[name] = EncoderOption(name, apply, order, training_only)
 
 
 def layer_sets(encoder: nn.Module) -> list[nn.Module]:
@@ -211,8 +217,9 @@ def _per_layer(name: str, values: Sequence[Any] | None, n_layers: int) -> list[A
 def _ff_pair(value: Any) -> tuple[int, int]:
     """One ``ff_hidden`` entry: an int (both FFNs) or a pair [ffn1, ffn2]."""
     pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"ff_hidden entries must be a positive int or [ffn1, ffn2], got {value!r}")
+    if len(pair) != 2 or min(pair) < 0 or max(pair) < 1:
+        raise ValueError(f"ff_hidden entries must be a positive int or [ffn1, ffn2] (0 removes that FFN's hidden "
+                         f"layer, e.g. [0, 576] for Kubo's NoMacaron), got {value!r}")
     return pair
 
 
@@ -243,6 +250,18 @@ class GroupNormConformerEncoder(ConformerEncoder):
         conv_channels: per layer, the conv module's inner channels (a multiple of G); NeMo: d_model.
         conv_groups: per layer, the GroupNorm group count (default G of ``conv_norm_type``). A submodel that drops
             whole groups keeps the group size: ``conv_channels / conv_groups == d_model / G``.
+        macaron_ffn: False removes the first (macaron) FFN's hidden layer in every layer (Kubo's NoMacaron).
+        layer_qk_dims, layer_v_dims: per layer, a list of per-head query/key and value widths (a pruned layer;
+            ``RaggedMultiHeadAttention``, scores still scaled by the original head width d_model / n_heads).
+        share_layers: G, the number of distinct parameter sets the ``n_layers`` layers are built from (Tian et al.'s
+            PSS / ALBERT at G = 1; consecutive layers share: layer i uses set ``i * G // n_layers``). The sets are
+            the module ``layer_sets`` and exist once in the state_dict, the optimizer and the ``.nemo``;
+            ``layers`` still lists one entry per depth. None or n_layers: no sharing.
+        inference_depth: M, the number of layers an eval-mode forward runs (Tian's shallow-layer inference SLI(M):
+            ``transcribe()``, validation and the probe use the first M layers). None: all layers.
+
+    A training forward runs ``depth_sampler.depth()`` layers when a sampler is attached (``depth_sampling``,
+    from ``nemo_layerfx.depth``): only those layers are computed, not masked.
 
     Example::
 
@@ -258,6 +277,11 @@ class GroupNormConformerEncoder(ConformerEncoder):
         layer_n_heads: Sequence[int] | None = None,
         conv_channels: Sequence[int] | None = None,
         conv_groups: Sequence[int] | None = None,
+        layer_qk_dims: Sequence[Sequence[int]] | None = None,
+        layer_v_dims: Sequence[Sequence[int]] | None = None,
+        macaron_ffn: bool = True,
+        share_layers: int | None = None,
+        inference_depth: int | None = None,
         **kwargs: Any,
     ):
         num_groups = parse_num_groups(conv_norm_type)
@@ -268,9 +292,16 @@ class GroupNormConformerEncoder(ConformerEncoder):
         self.num_groups = num_groups
         n = len(self.layers)
         ff_hidden = _per_layer("ff_hidden", ff_hidden, n)
+        if not macaron_ffn:  # Kubo's NoMacaron baseline: no first FFN (0 hidden units), the second unchanged
+            d_ff = self.d_model * kwargs.get("ff_expansion_factor", 4)
+            ff_hidden = [[0, _ff_pair(f)[1]] for f in ff_hidden] if ff_hidden is not None else [[0, d_ff]] * n
         layer_n_heads = _per_layer("layer_n_heads", layer_n_heads, n)
         conv_channels = _per_layer("conv_channels", conv_channels, n)
         conv_groups = _per_layer("conv_groups", conv_groups, n)
+        layer_qk_dims = _per_layer("layer_qk_dims", layer_qk_dims, n)
+        layer_v_dims = _per_layer("layer_v_dims", layer_v_dims, n)
+        if (layer_qk_dims is None) != (layer_v_dims is None):
+            raise ValueError("layer_qk_dims and layer_v_dims go together (per-head query/key and value widths)")
         use_bias = kwargs.get("use_bias", True)
         kernel = kwargs.get("conv_kernel_size", 31)
         dropout = kwargs.get("dropout", 0.1)
@@ -298,9 +329,62 @@ class GroupNormConformerEncoder(ConformerEncoder):
                     raise ValueError(f"layer_n_heads[{i}] must be >= 1, got {layer_n_heads[i]}")
                 _shrink_heads(layer.self_attn, int(layer_n_heads[i]))
                 layer.n_heads = int(layer_n_heads[i])
+            if layer_qk_dims is not None:
+                if self.self_attention_model not in ("rel_pos", "abs_pos"):
+                    raise ValueError(f"layer_qk_dims needs self_attention_model rel_pos or abs_pos, "
+                                     f"not {self.self_attention_model!r}")
+                layer.self_attn = RaggedMultiHeadAttention(
+                    self.d_model, list(layer_qk_dims[i]), list(layer_v_dims[i]), head_dim=layer.self_attn.d_k,
+                    dropout_rate=kwargs.get("dropout_att", 0.0), rel_pos=self.self_attention_model == "rel_pos",
+                    use_bias=use_bias)
+        self.share_layers = None
+        if share_layers is not None:
+            self._share(int(share_layers))
+        self.set_inference_depth(inference_depth)
         for option in sorted(ENCODER_OPTIONS.values(), key=lambda o: o.order):
             if options.get(option.name) is not None:
                 option.apply(self, options[option.name])
+
+    # --- depth: parameter sets, and how many layers a forward runs --------------------------------------------
+    depth_sampler: Any = None  # set by the depth_sampling option: an object whose depth() is this step's depth
+
+    def _share(self, groups: int) -> None:
+        n = len(self.layers)
+        if not 1 <= groups <= n:
+            raise ValueError(f"share_layers={groups} must be in 1..n_layers={n} (1: one parameter set used by every "
+                             f"layer, Tian's PSS; {n}: no sharing)")
+        if groups == n:
+            return
+        index = [i * groups // n for i in range(n)]  # layer i uses set index[i]: consecutive layers share
+        sets = [self.layers[index.index(g)] for g in range(groups)]
+        for i, layer in enumerate(self.layers):
+            own = {k: v.shape for k, v in layer.state_dict().items()}
+            ref = {k: v.shape for k, v in sets[index[i]].state_dict().items()}
+            if own != ref:
+                raise ValueError(f"share_layers={groups}: layers.{i} has other widths than the layer it shares "
+                                 f"parameters with (per-layer widths must agree within a shared set)")
+        del self._modules["layers"]
+        self.layer_sets = nn.ModuleList(sets)  # the parameters, once
+        # One entry per depth, as NeMo's forward iterates them; not registered as a child module, so parameters(),
+        # state_dict() and the optimizer see every set once.
+        object.__setattr__(self, "layers", nn.ModuleList([sets[g] for g in index]))
+        self.share_layers = groups
+
+    def set_inference_depth(self, depth: int | None) -> None:
+        """Run only the first ``depth`` layers in eval mode (None: all). The model's config is not changed; use
+        ``nemo_layerfx.depth.set_inference_depth(model, depth)`` to also export it with the ``.nemo``."""
+        n = len(self.layers)
+        if depth is not None and not 1 <= int(depth) <= n:
+            raise ValueError(f"inference_depth={depth} must be in 1..n_layers={n} (or null for all layers)")
+        self.inference_depth = None if depth is None else int(depth)
+
+    def active_depth(self) -> int:
+        """How many layers the next forward runs: the sampled depth in training, the inference depth in eval."""
+        if self.training and self.depth_sampler is not None:
+            return self.depth_sampler.depth()
+        if not self.training and self.inference_depth is not None:
+            return self.inference_depth
+        return len(self.layers)
 
     def forward_internal(self, audio_signal, length, cache_last_channel=None, *args, **kwargs):
         if cache_last_channel is not None:
@@ -308,7 +392,16 @@ class GroupNormConformerEncoder(ConformerEncoder):
                 "GroupNormConformerEncoder does not support cache-aware streaming (cache_last_channel was given): "
                 "utterance-level GroupNorm statistics cannot be computed chunk by chunk."
             )
-        return super().forward_internal(audio_signal, length, cache_last_channel, *args, **kwargs)
+        depth = self.active_depth()
+        if depth == len(self.layers):
+            return super().forward_internal(audio_signal, length, cache_last_channel, *args, **kwargs)
+        # NeMo's forward zips layer_drop_probs with the layers, so a shorter list runs (only) the first `depth`.
+        full = self.layer_drop_probs
+        self.layer_drop_probs = full[:depth]
+        try:
+            return super().forward_internal(audio_signal, length, cache_last_channel, *args, **kwargs)
+        finally:
+            self.layer_drop_probs = full
 
     def get_initial_cache_state(self, *args, **kwargs):
         raise NotImplementedError(
@@ -317,6 +410,8 @@ class GroupNormConformerEncoder(ConformerEncoder):
         )
 
     def change_attention_model(self, *args, **kwargs):
+        if self.share_layers is not None:
+            raise NotImplementedError("change_attention_model is not supported with share_layers; unshare first")
         if any(layer.self_attn.h != self.layers[0].self_attn.h for layer in self.layers):
             raise NotImplementedError("change_attention_model is not supported with per-layer head counts")
         return super().change_attention_model(*args, **kwargs)
@@ -325,18 +420,29 @@ class GroupNormConformerEncoder(ConformerEncoder):
 def stock_encoder_config(encoder_cfg: Any) -> dict:
     """Encoder config for NeMo's own ``ConformerEncoder`` (same weights; NeMo's padding-dependent GroupNorm).
 
-    Fails when the config uses per-layer widths, which stock NeMo cannot express.
+    Fails when the config uses what stock NeMo cannot express: per-layer widths, shared layers, an inference depth
+    or a capability option such as ``low_rank``; drops training-only options such as ``depth_sampling``.
     """
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.to_container(encoder_cfg, resolve=True) if not isinstance(encoder_cfg, dict) else dict(encoder_cfg)
+    for key, default in LAYERFX_FLAGS.items():
+        if cfg.pop(key, default) != default:
+            raise ValueError(f"encoder uses {key}={not default}, which stock NeMo ConformerEncoder cannot express")
     for key in LAYERFX_ONLY_KEYS:
         if cfg.pop(key, None) is not None:
-            raise ValueError(f"encoder uses per-layer widths ({key}); stock NeMo ConformerEncoder cannot load it")
-    for key in ENCODER_OPTIONS:
-        if cfg.pop(key, None) is not None:
+            raise ValueError(f"encoder uses {key}, which stock NeMo ConformerEncoder cannot express"
+                             + (" (run `layerfx unshare` first)" if key == "share_layers" else ""))
+    for key, option in ENCODER_OPTIONS.items():
+        if cfg.pop(key, None) is None:
+            continue
+        if not option.training_only:
             raise ValueError(f"encoder uses the nemo_layerfx option {key!r}, which stock NeMo ConformerEncoder cannot "
                              f"build; undo it first (e.g. `layerfx merge` for low_rank)")
+        from nemo.utils import logging
+
+        logging.warning(f"stock_encoder_config: dropped the training-only option {key!r} (stock NeMo trains at "
+                        f"full depth); the weights and inference outputs are unchanged")
     cfg["_target_"] = STOCK_ENCODER_TARGET
     return cfg
 

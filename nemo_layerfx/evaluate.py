@@ -77,9 +77,8 @@ _Prefix = Prefix  # the name the probe used before this module existed
 
 
 @torch.no_grad()
-def encode_prefix(model: nn.Module, audio: torch.Tensor, lengths: torch.Tensor, depth: int | None = None) -> Prefix:
-    """Preprocessor, subsampling and layers 0..depth-1 once (default: every layer the encoder runs); keeps the
-    hidden state entering each layer."""
+def prefix_start(model: nn.Module, audio: torch.Tensor, lengths: torch.Tensor) -> Prefix:
+    """Preprocessor, subsampling, positional encoding and masks: the input of layer 0 (``hidden == [x]``)."""
     enc = conformer_encoder(model)
     feats, feat_len = model.preprocessor(input_signal=audio, length=lengths)
     x = feats.transpose(1, 2)  # (B, T_feat, F)
@@ -91,9 +90,24 @@ def encode_prefix(model: nn.Module, audio: torch.Tensor, lengths: torch.Tensor, 
     x, pos_emb = enc.pos_enc(x=x, cache_len=0)
     pad_mask, att_mask = enc._create_masks(att_context_size=enc.att_context_size, padding_length=length,
                                            max_audio_length=x.size(1), offset=None, device=x.device)
-    prefix = Prefix([x], length, pos_emb, pad_mask, att_mask)
-    run_layers(enc, prefix, 0, keep=True, stop=depth)
+    return Prefix([x], length, pos_emb, pad_mask, att_mask)
+
+
+@torch.no_grad()
+def encode_prefix(model: nn.Module, audio: torch.Tensor, lengths: torch.Tensor, depth: int | None = None) -> Prefix:
+    """``prefix_start`` and then layers 0..depth-1 once (default: every layer); keeps the hidden state entering
+    each layer (``hidden[i]``) and the last one's output (``hidden[depth]``)."""
+    prefix = prefix_start(model, audio, lengths)
+    run_layers(conformer_encoder(model), prefix, 0, keep=True, stop=depth)
     return prefix
+
+
+def next_layer(enc: nn.Module, p: Prefix) -> torch.Tensor:
+    """Run the layer after the last kept hidden state and keep its output (B, T, D)."""
+    i = len(p.hidden) - 1
+    x = enc.layers[i](x=p.hidden[i], att_mask=p.att_mask, pos_emb=p.pos_emb, pad_mask=p.pad_mask)
+    p.hidden.append(x)
+    return x
 
 
 def run_layers(enc: nn.Module, p: Prefix, start: int, keep: bool = False, stop: int | None = None) -> torch.Tensor:

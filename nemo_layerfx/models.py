@@ -27,6 +27,11 @@ def conformer_encoder(model: nn.Module) -> nn.Module:
     return enc
 
 
+def eval_depth(encoder: nn.Module) -> int:
+    """How many layers an eval-mode forward of this encoder runs: its inference depth (Tian's SLI), or all."""
+    return getattr(encoder, "inference_depth", None) or len(encoder.layers)
+
+
 def encoder_prefix(model: nn.Module) -> str:
     """The state_dict prefix of the model's Conformer encoder (``encoder`` for NeMo's ASR models)."""
     enc = conformer_encoder(model)

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from nemo_layerfx.models import clone_model, conformer_encoder, encoder_prefix
-from nemo_layerfx.units import KINDS, UNIT_MAP, check_sliceable, layer_tensor_index, n_units, unit_width
+from nemo_layerfx.units import (
+    KINDS, PRUNE_KINDS, UNIT_MAP, check_sliceable, layer_tensor_index, n_units, per_head, unit_width,
+)
 
 Units = dict[int, dict[str, torch.Tensor]]  # layer -> unit kind -> kept unit indices (sorted)
 
@@ -32,25 +34,49 @@ def tensor_index(model: nn.Module, units: Units) -> dict[str, tuple[int, torch.T
     prefix = encoder_prefix(model)
     out = {}
     for i, layer in enumerate(enc.layers):
-        for kind in KINDS:
-            for path, (dim, idx) in layer_tensor_index(layer, kind, units[i][kind]).items():
+        check_kinds(units[i])
+        for kind, kept in units[i].items():
+            for path, (dim, idx) in layer_tensor_index(layer, kind, kept).items():
                 out[f"{prefix}.layers.{i}.{path}"] = (dim, idx)
     return out
 
 
+def check_kinds(layer_units: dict[str, torch.Tensor]) -> None:
+    """A layer's units are federated dropout's kinds (whole heads) or pruning's (per-head dims), never both."""
+    kinds = set(layer_units)
+    if kinds not in (set(KINDS), set(PRUNE_KINDS)):
+        raise ValueError(f"a layer's kept units must name the kinds {', '.join(KINDS)} or {', '.join(PRUNE_KINDS)}; "
+                         f"got {', '.join(sorted(kinds))}")
+
+
 def slice_state(state: dict[str, torch.Tensor], index: dict[str, tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The submodel's tensors: each indexed tensor sliced, the rest shared as they are (not copied)."""
-    return {k: (v.index_select(index[k][0], index[k][1].to(v.device)) if k in index else v) for k, v in state.items()}
+    """The submodel's tensors: each indexed tensor sliced (dim -1: its flattened entries), the rest shared as they
+    are (not copied)."""
+    out = {}
+    for k, v in state.items():
+        if k not in index:
+            out[k] = v
+            continue
+        dim, idx = index[k]
+        out[k] = v.reshape(-1).index_select(0, idx.to(v.device)) if dim == -1 else v.index_select(dim, idx.to(v.device))
+    return out
 
 
 def submodel_widths(model: nn.Module, units: Units) -> dict[str, list]:
-    """Encoder config entries (``ff_hidden``, ``layer_n_heads``, ``conv_channels``, ``conv_groups``) of the submodel."""
+    """Encoder config entries of the submodel: ``ff_hidden``, ``conv_channels``, ``conv_groups`` and either
+    ``layer_n_heads`` (whole heads kept) or ``layer_qk_dims`` / ``layer_v_dims`` (per-head widths)."""
     enc = sliceable_encoder(model)
-    widths: dict[str, list] = {"ff_hidden": [], "layer_n_heads": [], "conv_channels": [], "conv_groups": []}
+    per_head_dims = "qk" in units[0]
+    widths: dict[str, list] = {"ff_hidden": [], "conv_channels": [], "conv_groups": []}
+    widths.update({"layer_qk_dims": [], "layer_v_dims": []} if per_head_dims else {"layer_n_heads": []})
     for i, layer in enumerate(enc.layers):
         u = units[i]
         widths["ff_hidden"].append([len(u["ffn1"]), len(u["ffn2"])])
-        widths["layer_n_heads"].append(len(u["head"]))
+        if per_head_dims:
+            widths["layer_qk_dims"].append(per_head(layer, "qk", u["qk"]))
+            widths["layer_v_dims"].append(per_head(layer, "v", u["v"]))
+        else:
+            widths["layer_n_heads"].append(len(u["head"]))
         widths["conv_groups"].append(len(u["conv"]))
         widths["conv_channels"].append(len(u["conv"]) * unit_width(layer, "conv"))
     return widths
@@ -88,19 +114,25 @@ def units_from_lists(d: dict) -> Units:
     return {int(i): {k: torch.tensor(v, dtype=torch.long) for k, v in u.items()} for i, u in d.items()}
 
 
-def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int]) -> int:
-    """Parameters of the model that keeps ``keep(layer, kind, n)`` units of each kind: arithmetic on the unit map."""
+def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int], kinds: tuple[str, ...] = KINDS) -> int:
+    """Parameters of the model that keeps ``keep(layer, kind, n)`` units of each kind: arithmetic on the unit map
+    (the flat rule counts one entry per unit)."""
     enc = sliceable_encoder(model)
     total = sum(p.numel() for p in model.parameters())
     params = dict(enc.named_parameters())
     for i, layer in enumerate(enc.layers):
-        for kind in KINDS:
+        for kind in kinds:
             n = n_units(layer, kind)
             kept = keep(i, kind, n)
+            if kept == n:
+                continue
             per_unit = 0
             for s in UNIT_MAP[kind]:
                 p = params.get(f"layers.{i}.{s.path}")
                 if p is None:
+                    continue
+                if s.rule == "flat":
+                    per_unit += 1
                     continue
                 channels = {"channel": unit_width(layer, kind), "glu": 2 * unit_width(layer, kind), "unit": 1}[s.rule]
                 per_unit += p.numel() // p.shape[s.dim] * channels

@@ -6,13 +6,16 @@
 Lightning callbacks listed under ``trainer.callbacks`` (``_target_`` each) are instantiated by NeMo's
 ``resolve_trainer_cfg``; a plugin callback must also subclass NeMo's ``Serialization`` to pass the allow-list.
 An optional ``layerfx:`` section adds: ``model_class`` (override the inferred class), ``seed``, ``report_wer`` (dev
-WER before and after fit), ``report_path`` (write that report as JSON) and ``save_to`` (final ``.nemo``).
+WER before and after fit), ``report_path`` (write that report as JSON), ``save_to`` (final ``.nemo``) and
+``verbose`` (the console shows NeMo's info logs; by default only warnings, errors, a progress bar and our lines,
+while the experiment's log file keeps everything). The path of the trained ``.nemo`` is printed at the end.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ MODEL_CLASSES = {
     "rnnt": "nemo.collections.asr.models.EncDecRNNTModel",
     "hybrid_bpe": "nemo.collections.asr.models.EncDecHybridRNNTCTCBPEModel",
     "hybrid": "nemo.collections.asr.models.EncDecHybridRNNTCTCModel",
+    "ssl": "nemo.collections.asr.models.SpeechEncDecSelfSupervisedModel",  # masked-reconstruction pretraining
 }
 
 
@@ -80,9 +84,15 @@ def check_inputs(cfg: DictConfig) -> None:
             raise ValueError(f"model.{split}.manifest_filepath is not set")
         for path in manifest_paths(ds.get("manifest_filepath")):
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"model.{split}.manifest_filepath: no such manifest: {path}")
+                raise FileNotFoundError(f"model.{split}.manifest_filepath: no such manifest: {path} (point it at a "
+                                        f"NeMo manifest, or set corpus_dir= to a folder made by layerfx make-corpus)")
             if os.path.getsize(path) == 0:
                 raise ValueError(f"model.{split}.manifest_filepath: manifest is empty: {path}")
+    for name, init in (cfg.get("init_from_nemo_model") or {}).items():
+        if OmegaConf.is_missing(init, "path"):
+            raise ValueError(f"init_from_nemo_model.{name}.path is not set (the pretrained .nemo to start from)")
+        if not os.path.isfile(str(init.path)):
+            raise FileNotFoundError(f"init_from_nemo_model.{name}.path: no such .nemo file: {init.path}")
     tok = m.get("tokenizer")
     if tok is not None:
         if OmegaConf.is_missing(tok, "dir"):
@@ -133,18 +143,74 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None):
               f"({trainer.global_step} steps)", flush=True)
         if extra.get("report_path"):
             Path(extra.report_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(extra.report_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     test = cfg.model.get("test_ds")
     if test is not None and test.get("manifest_filepath"):
         if model.prepare_test(trainer):
             trainer.test(model)
     if extra.get("save_to"):
         model.save_to(str(extra.save_to))
+    nemo = str(Path(extra.save_to).resolve()) if extra.get("save_to") else saved_nemo(trainer)
+    if nemo:
+        print(f"[layerfx] trained model: {nemo}", flush=True)
+    if extra.get("report_wer") and extra.get("report_path"):
+        report["nemo"] = nemo
+        Path(extra.report_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return model
 
 
+def saved_nemo(trainer) -> str | None:
+    """The .nemo that NeMo's checkpoint callback wrote at the end of training, if it wrote one."""
+    cb = getattr(trainer, "checkpoint_callback", None)
+    if cb is None or not getattr(cb, "save_nemo_on_train_end", False) or not getattr(cb, "dirpath", None):
+        return None
+    path = Path(cb.dirpath) / f"{cb.prefix}{cb.postfix}"
+    return str(path.resolve()) if path.is_file() else None
+
+
+def quiet_console(verbose: bool = False) -> None:
+    """Only warnings and errors on the console during training (NeMo's info lines, sample predictions and
+    Lightning's banners stay in the experiment's log file); a progress bar shows the training itself."""
+    if verbose or os.environ.get("LAYERFX_VERBOSE"):
+        return
+    import logging as std_logging
+
+    from nemo.utils import logging as nemo_logging
+
+    for name in ("stream_stdout", "stream_stderr"):
+        handler = nemo_logging._handlers.get(name)
+        if handler is not None:
+            handler.setLevel(std_logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        std_logging.getLogger(name).setLevel(std_logging.WARNING)
+
+
+def user_error(exc: BaseException) -> str | None:
+    """The message of a config or input error that nemo_layerfx itself raised (anywhere in the exception chain,
+    e.g. inside Hydra's instantiation of our encoder), else None: a bug keeps its full traceback."""
+    package = str(Path(__file__).resolve().parent)
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ValueError, FileNotFoundError)) and exc.__traceback__ is not None:
+            tb = exc.__traceback__
+            while tb.tb_next is not None:
+                tb = tb.tb_next
+            if str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(package):
+                return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _main(cfg: DictConfig) -> None:
-    train(cfg)
+    quiet_console(bool((cfg.get("layerfx") or {}).get("verbose", False)))
+    try:
+        train(cfg)
+    except Exception as e:  # one line for a wrong config or a missing file; the full traceback for anything else
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"[layerfx] error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -6,9 +6,15 @@ A *unit* is the smallest slice that can be removed from a layer while the rest s
   ``linear2``.
 - ``head``: one attention head: rows ``[h*d_k, (h+1)*d_k)`` of ``linear_q/k/v`` and ``linear_pos``, the same
   columns of ``linear_out``, and row h of ``pos_bias_u/v``.
+- ``qk``: one query/key dimension of one head (pruning): row j of ``linear_q``, ``linear_k`` and ``linear_pos``
+  and entry j of ``pos_bias_u/v`` (flattened, head after head). With it the score term it feeds is gone.
+- ``v``: one value dimension of one head (pruning): row j of ``linear_v`` and column j of ``linear_out``.
 - ``conv``: one GroupNorm *group* of the conv module: its channels c in ``pointwise_conv1`` (both GLU halves, c and
   c + C), ``depthwise_conv``, the norm's affine parameters and column c of ``pointwise_conv2``. Whole groups keep
   the surviving groups' statistics unchanged, so a submodel equals the full model with those groups masked.
+
+Federated dropout drops whole heads (``head``); pruning removes query/key and value dimensions per head
+(``qk``, ``v``), so a pruned layer's heads can differ in width (``RaggedMultiHeadAttention``).
 
 Everything else in a layer (the five LayerNorms, the output biases ``linear2.bias``, ``linear_out.bias``,
 ``pointwise_conv2.bias``) has width d_model and is never sliced; ``FIXED`` lists it, and a test checks that the
@@ -23,15 +29,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-KINDS = ("ffn1", "ffn2", "head", "conv")
+KINDS = ("ffn1", "ffn2", "head", "conv")  # federated dropout's unit kinds
+PRUNE_KINDS = ("ffn1", "ffn2", "qk", "v", "conv")  # adaptive-dropout pruning's unit kinds
 
 
 @dataclass(frozen=True)
 class Slice:
     """One tensor of a unit kind: ``path`` inside a ConformerLayer, the dimension that indexes units, and how.
 
-    rule: ``channel`` (the unit's channels), ``glu`` (its channels in both GLU halves: c and c + C) or ``unit``
-    (one row per unit, e.g. ``pos_bias_u[h]``).
+    rule: ``channel`` (the unit's channels), ``glu`` (its channels in both GLU halves: c and c + C), ``unit``
+    (one row per unit, e.g. ``pos_bias_u[h]``) or ``flat`` (entries of the flattened tensor, e.g. ``pos_bias_u``
+    entries per query dimension).
     """
 
     path: str
@@ -49,6 +57,11 @@ UNIT_MAP: dict[str, tuple[Slice, ...]] = {
     "head": tuple(Slice(f"self_attn.linear_{p}.{t}", 0) for p in "qkv" for t in ("weight", "bias"))
     + (Slice("self_attn.linear_pos.weight", 0), Slice("self_attn.linear_out.weight", 1),
        Slice("self_attn.pos_bias_u", 0, "unit"), Slice("self_attn.pos_bias_v", 0, "unit")),
+    "qk": tuple(Slice(f"self_attn.linear_{p}.{t}", 0) for p in "qk" for t in ("weight", "bias"))
+    + (Slice("self_attn.linear_pos.weight", 0), Slice("self_attn.pos_bias_u", 0, "flat"),
+       Slice("self_attn.pos_bias_v", 0, "flat")),
+    "v": (Slice("self_attn.linear_v.weight", 0), Slice("self_attn.linear_v.bias", 0),
+          Slice("self_attn.linear_out.weight", 1)),
     "conv": (Slice("conv.pointwise_conv1.weight", 0, "glu"), Slice("conv.pointwise_conv1.bias", 0, "glu"),
              Slice("conv.depthwise_conv.weight", 0), Slice("conv.depthwise_conv.bias", 0),
              Slice("conv.batch_norm.weight", 0), Slice("conv.batch_norm.bias", 0),
@@ -73,14 +86,37 @@ def n_units(layer: nn.Module, kind: str) -> int:
         return getattr(layer, "feed_forward" + kind[-1]).linear1.out_features
     if kind == "head":
         return layer.self_attn.h
+    if kind == "qk":
+        return layer.self_attn.linear_q.out_features
+    if kind == "v":
+        return layer.self_attn.linear_v.out_features
     if kind == "conv":
         return layer.conv.batch_norm.num_groups
-    raise ValueError(f"unknown unit kind {kind!r}; choose from {', '.join(KINDS)}")
+    raise ValueError(f"unknown unit kind {kind!r}; choose from {', '.join(UNIT_MAP)}")
+
+
+def head_dims(layer: nn.Module, kind: str) -> list[int]:
+    """Per-head widths of the ``qk`` or ``v`` dimensions (d_k each in a full-width layer)."""
+    attn = layer.self_attn
+    widths = getattr(attn, "qk_dims" if kind == "qk" else "v_dims", None)
+    return list(widths) if widths is not None else [attn.d_k] * attn.h
+
+
+def per_head(layer: nn.Module, kind: str, units: torch.Tensor) -> list[int]:
+    """How many of the kept ``qk`` / ``v`` dimensions ``units`` (flat indices) fall in each head."""
+    counts, start = [], 0
+    for width in head_dims(layer, kind):
+        counts.append(int(((units >= start) & (units < start + width)).sum()))
+        start += width
+    return counts
 
 
 def unit_width(layer: nn.Module, kind: str) -> int:
     """Channels per unit: 1 for an FFN unit, d_k for a head, the group size for a conv group."""
     if kind == "head":
+        if getattr(layer.self_attn, "qk_dims", None) is not None:
+            raise ValueError("this layer's heads have their own widths (a pruned model): whole heads cannot be "
+                             "sliced; drop ffn or conv units only")
         return layer.self_attn.d_k
     if kind == "conv":
         return layer.conv.batch_norm.num_channels // layer.conv.batch_norm.num_groups
@@ -91,6 +127,10 @@ def check_sliceable(encoder: nn.Module) -> None:
     """Fail unless every layer is a Conformer layer whose conv norm is our group-wise GroupNorm."""
     from nemo_layerfx.encoder import MaskedConformerConvolution
 
+    if getattr(encoder, "share_layers", None) is not None:
+        raise ValueError(f"the encoder shares parameters between layers (share_layers={encoder.share_layers}); units "
+                         f"are slices of one layer's tensors, so a shared model cannot be sliced: unshare it first "
+                         f"(`layerfx unshare` / nemo_layerfx.depth.unshare)")
     for i, layer in enumerate(getattr(encoder, "layers", [])):
         if not isinstance(getattr(layer, "conv", None), MaskedConformerConvolution):
             raise ValueError(
@@ -104,8 +144,8 @@ def check_sliceable(encoder: nn.Module) -> None:
             if module is not None and not isinstance(module, (nn.Linear, nn.Conv1d)):
                 raise ValueError(
                     f"encoder layer {i}: {path} is a {type(module).__name__}, not a dense layer; units are slices of "
-                    f"dense weights, so a factorized (low-rank) model cannot be sliced: merge it back to dense first "
-                    f"(`layerfx merge` / nemo_layerfx.lowrank.merge)")
+                    f"dense weights: undo it first (a factorized layer: `layerfx merge` / nemo_layerfx.lowrank.merge; "
+                    f"adaptive-dropout gates: `layerfx prune` or nemo_layerfx.pruning.remove_gates)")
 
 
 def find_module(module: nn.Module, path: str) -> nn.Module | None:
@@ -117,7 +157,10 @@ def find_module(module: nn.Module, path: str) -> nn.Module | None:
 
 
 def layer_tensor_index(layer: nn.Module, kind: str, units: torch.Tensor) -> dict[str, tuple[int, torch.Tensor]]:
-    """For kept unit indices ``units`` of ``kind``: tensor path -> (dim, indices along dim) inside the layer."""
+    """For kept unit indices ``units`` of ``kind``: tensor path -> (dim, indices along dim) inside the layer
+    (dim -1: indices into the flattened tensor)."""
+    if kind == "head" and getattr(layer.self_attn, "qk_dims", None) is not None and len(units) == n_units(layer, kind):
+        return {}  # a pruned layer keeping every head: nothing to slice (its heads have their own widths)
     width = unit_width(layer, kind)
     channels = (units[:, None] * width + torch.arange(width)).reshape(-1)
     total = n_units(layer, kind) * width
@@ -126,6 +169,7 @@ def layer_tensor_index(layer: nn.Module, kind: str, units: torch.Tensor) -> dict
     for s in UNIT_MAP[kind]:
         if s.path not in own:  # e.g. linear_pos only exists with rel_pos attention, biases with use_bias
             continue
-        idx = {"channel": channels, "glu": torch.cat([channels, channels + total]), "unit": units}[s.rule]
-        out[s.path] = (s.dim, idx)
+        idx = {"channel": channels, "glu": torch.cat([channels, channels + total]), "unit": units,
+               "flat": channels}[s.rule]
+        out[s.path] = (-1 if s.rule == "flat" else s.dim, idx)  # dim -1: index the flattened tensor
     return out

@@ -21,6 +21,10 @@ EXAMPLES = """examples:
   layerfx fl --config-name fd_ambient model=runs/pretrained.nemo plan.report=runs/probe/probe.json
   layerfx lowrank model.nemo small.nemo --att 0.1,0.2 --ffn 0.2,0.5
   layerfx merge small.nemo dense.nemo
+  layerfx depth-sweep model.nemo --manifest data/commands/dev_manifest.json
+  layerfx unshare shared.nemo unshared.nemo
+  layerfx set-depth model.nemo model_sli5.nemo --depth 5
+  layerfx prune gated.nemo pruned.nemo --report runs/survival
 """
 
 
@@ -116,6 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
     lr.add_argument("--conv", default=None, help=f"the conv module's pointwise convs; {spec}")
     lr.add_argument("--multiple-of", type=int, default=1, help="round ranks up to a multiple of this")
 
+    ds = _command(sub, "depth-sweep", "WER, loss and real-time factor at every inference depth 1..N in one pass, "
+                  "with layer consistency", "layerfx depth-sweep model.nemo --manifest data/commands/dev_manifest.json")
+    ds.add_argument("model", help="a NeMo Conformer .nemo (CTC, RNNT or hybrid; ours or stock, shared or not)")
+    ds.add_argument("--manifest", required=True, help="NeMo manifest of the evaluation utterances")
+    ds.add_argument("--probe", default=None, help="a block-level probe.json of the same model, shown beside")
+    ds.add_argument("--batch-size", type=int, default=16, help="utterances per batch")
+    ds.add_argument("--max-utterances", type=int, default=None,
+                    help="evaluate the first N utterances of the manifest (sorted by duration); default: all")
+    ds.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
+    ds.add_argument("--out", default="runs/depth", help="folder for depth_sweep.json and depth_sweep.png")
+
+    us = _command(sub, "unshare", "a parameter-shared model -> the equivalent unshared model (identical outputs)",
+                  "layerfx unshare shared.nemo unshared.nemo")
+    us.add_argument("input", help="a .nemo whose encoder has share_layers (never modified)")
+    us.add_argument("output", help="where to write the unshared .nemo")
+
+    sd = _command(sub, "set-depth", "export a model that runs only its first M layers at inference (Tian's SLI)",
+                  "layerfx set-depth model.nemo model_sli5.nemo --depth 5")
+    sd.add_argument("input", help="a GroupNorm Conformer .nemo (never modified)")
+    sd.add_argument("output", help="where to write the .nemo with the inference depth")
+    sd.add_argument("--depth", type=int, required=True, help="inference depth M in 1..n_layers (0: all layers)")
+
+    pn = _command(sub, "prune", "remove the units an adaptive-dropout model's gates dropped (β < c∞): a dense, "
+                  "smaller model with the same outputs", "layerfx prune gated.nemo pruned.nemo --report runs/survival")
+    pn.add_argument("input", help="a .nemo trained with model.encoder.adaptive_dropout (never modified)")
+    pn.add_argument("output", help="where to write the pruned .nemo")
+    pn.add_argument("--report", default=None, help="also write survival.json and survival.png (Kubo's Fig. 2) here")
+
     mg = _command(sub, "merge", "turn a low-rank model back into a dense one (same outputs)",
                   "layerfx merge small.nemo dense.nemo")
     mg.add_argument("input", help="a low-rank .nemo (never modified)")
@@ -176,7 +208,16 @@ def check_args(args: argparse.Namespace) -> None:
             _need_file(args.report, "--report")
             if args.n < 1:
                 raise ValueError(f"--n {args.n}: must be >= 1")
-    elif cmd in ("convert-norm", "lowrank", "merge"):
+    elif cmd == "depth-sweep":
+        _need_file(args.model, "model")
+        _need_file(args.manifest, "--manifest")
+        if args.probe is not None:
+            _need_file(args.probe, "--probe")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    elif cmd == "set-depth" and args.depth < 0:
+        raise ValueError(f"--depth {args.depth}: an inference depth is 1..n_layers (0: all layers)")
+    if cmd in ("convert-norm", "lowrank", "merge", "unshare", "set-depth", "prune"):
         _need_file(args.input, "input")
         _distinct(args.input, args.output)
         if cmd == "lowrank":

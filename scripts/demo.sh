@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on CPU: set up, synthesize the offline command corpus, train the tiny GroupNorm
 # Conformer-CTC through examples/asr/speech_to_text.py, and print dev WER at the start and at the end.
+# The trained model is runs/demo.nemo (the next README commands use it); the report is runs/demo_report.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,5 +12,5 @@ if [ ! -f "$CORPUS/corpus_info.json" ]; then
 fi
 start=$(date +%s)
 python examples/asr/speech_to_text.py --config-name conformer_gn_tiny corpus_dir="$CORPUS" \
-  layerfx.report_path=runs/demo_report.json "$@"
-echo "[demo] training + evaluation took $(( $(date +%s) - start )) s; report: runs/demo_report.json"
+  layerfx.report_path=runs/demo_report.json layerfx.save_to=runs/demo.nemo "$@"
+echo "[demo] training + evaluation took $(( $(date +%s) - start )) s; model: runs/demo.nemo; report: runs/demo_report.json"

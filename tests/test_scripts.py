@@ -27,9 +27,13 @@ def test_examples_speech_to_text_entry_point(corpus, tmp_path):
     ("nemo_speech_to_text_ctc_bpe.py", "conformer_gn_tiny"),
     ("nemo_speech_to_text_rnnt_bpe.py", "conformer_gn_transducer_tiny"),
     ("nemo_speech_to_text_ctc_bpe.py", "conformer_gn_lowrank_tiny"),
+    ("nemo_speech_to_text_ctc_bpe.py", "conformer_gn_shared_tiny"),
+    ("nemo_speech_to_text_ctc_bpe.py", "conformer_gn_adaptive_dropout_tiny"),
 ])
 def test_stock_nemo_script_with_our_config(corpus, tmp_path, script, config):
     over = TINY + (TINY_RNNT if "transducer" in config else [])
+    if "shared" in config:  # 2 layers after TINY: sample N in {1, 2}
+        over += ["model.encoder.depth_sampling.low=1", "model.encoder.depth_sampling.high=2"]
     args = [str(REPO / "tests/scripts" / script), "--config-path", str(REPO / "conf"), "--config-name", config,
             *over, f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}"]
     out = run(args, tmp_path)
@@ -37,6 +41,12 @@ def test_stock_nemo_script_with_our_config(corpus, tmp_path, script, config):
     assert "ENCODER GroupNormConformerEncoder STEPS 2" in out.stdout
     if "lowrank" in config:  # 2 layers x (5 attention + 4 FFN linears) built factorized from the shipped config
         assert "LOWRANK 18" in out.stdout
+    if "adaptive" in config:  # 2 layers x 5 gates (ffn1, ffn2, qk, v, conv), trained with the config's callback
+        assert "GATES 10" in out.stdout
+    if "shared" in config:  # one parameter set; the config's DepthSampling callback drew a depth per step
+        from nemo_layerfx.depth import DepthSampler
+
+        assert f"SHARED 1 DEPTHS {[DepthSampler(1, 2, 0).draw(s) for s in (0, 1)]}" in out.stdout, out.stdout[-2000:]
     if config == "conformer_gn_tiny":  # without the hydra.callbacks hook NeMo's allow-list refuses our encoder
         out = run(args + ["~hydra.callbacks.layerfx"], tmp_path)
         assert out.returncode != 0 and "UnsafeTargetError" in out.stdout + out.stderr
@@ -46,5 +56,7 @@ def test_stock_nemo_script_with_our_config(corpus, tmp_path, script, config):
 def test_missing_manifest_is_a_clear_error(corpus, tmp_path):
     out = run([str(REPO / "examples/asr/speech_to_text.py"), "--config-name", "conformer_gn_tiny", *TINY,
                f"corpus_dir={corpus}", f"model.train_ds.manifest_filepath={tmp_path}/nope.json"], tmp_path)
-    assert out.returncode != 0
-    assert f"model.train_ds.manifest_filepath: no such manifest: {tmp_path}/nope.json" in out.stdout + out.stderr
+    assert out.returncode == 2
+    printed = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert printed == [f"[layerfx] error: model.train_ds.manifest_filepath: no such manifest: {tmp_path}/nope.json "
+                       f"(point it at a NeMo manifest, or set corpus_dir= to a folder made by layerfx make-corpus)"]

@@ -63,9 +63,9 @@ class LayerImportanceCallback(pl.Callback, Serialization):
         return out
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from nemo_layerfx.models import conformer_encoder
+        from nemo_layerfx.importance.resets import probed_encoder
 
-        conformer_encoder(pl_module)  # fail fast on a model without a Conformer encoder
+        probed_encoder(pl_module)  # fail fast: no Conformer encoder, or one with shared layers
         if self.manifest is None:
             from nemo_layerfx.train import manifest_paths
 

@@ -26,9 +26,9 @@ from nemo_layerfx.evaluate import (
 )
 from nemo_layerfx.importance.compare import spearman
 from nemo_layerfx.importance.resets import (
-    check_snapshot, churn, fresh_draw, init_state, load_snapshot, probe_units, swapped,
+    check_snapshot, churn, fresh_draw, init_state, load_snapshot, probe_units, probed_encoder, swapped,
 )
-from nemo_layerfx.models import conformer_encoder
+from nemo_layerfx.models import eval_depth
 
 MODES = ("reinit", "rerand")
 UNITS = ("block", "module")
@@ -137,7 +137,8 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         print(report.table())
     """
     cfg = config or ProbeConfig()
-    enc = conformer_encoder(model)
+    enc = probed_encoder(model)
+    depth = eval_depth(enc)  # an inference depth M (Tian's SLI) limits the probe to the layers the model runs
     if isinstance(init, (str, Path)):
         init = load_snapshot(init)
     if "reinit" in cfg.modes and init is None:
@@ -147,7 +148,7 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         check_snapshot(model, init)
     rows = read_manifest(manifest, cfg.max_utterances)
     device = next(model.parameters()).device
-    units = probe_units(model, cfg.unit)
+    units = probe_units(model, cfg.unit, depth)
     # every reset state is drawn once, before any batch (the same draw for every batch)
     variants: dict[str, list[list[dict]]] = {}
     for mode in cfg.modes:
@@ -173,7 +174,7 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         for b, (audio, lengths, texts) in enumerate(audio_batches(rows, cfg.batch_size, model._cfg.sample_rate,
                                                                    device)):
             refs += texts
-            prefix = encode_prefix(model, audio, lengths)
+            prefix = encode_prefix(model, audio, lengths, depth=depth)
             with torch.no_grad():
                 out = run_layers(enc, prefix, len(prefix.hidden) - 1)
                 base_hyps += decode(model, out, prefix.length)
@@ -196,7 +197,7 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
         model.train(was_training)
     base = wer(base_hyps, refs)
     report = ProbeReport(baseline_wer=base, utterances=len(refs), units=[n for n, _, _ in units],
-                         config=asdict(cfg))
+                         config={**asdict(cfg), "depth": depth, "n_layers": len(enc.layers)})
     if cfg.loss:
         report.baseline_loss = base_loss / len(refs)
     for mode in cfg.modes:

@@ -26,6 +26,17 @@ MODULE_PARTS = {
 }
 
 
+def probed_encoder(model: nn.Module) -> nn.Module:
+    """The Conformer encoder, refusing parameter-shared layers: resetting "layer i" would reset a parameter set
+    that other depths use too, so the question the probe asks has no per-layer answer."""
+    enc = conformer_encoder(model)
+    if getattr(enc, "share_layers", None) is not None:
+        raise ValueError(f"the encoder shares parameters between layers (share_layers={enc.share_layers}); a reset "
+                         f"of one layer would reset others: probe the unshared copy (`layerfx unshare`, "
+                         f"nemo_layerfx.depth.unshare), or use `layerfx depth-sweep` for a per-depth curve")
+    return enc
+
+
 # --- init snapshots -----------------------------------------------------------------------------------------
 def _layer_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """Every encoder layer tensor (parameters and buffers) under its snapshot key ``layers.{i}.{name}``."""
@@ -108,13 +119,14 @@ def swapped(module: nn.Module, state: dict[str, torch.Tensor]) -> Iterator[None]
                 own[k].copy_(v)
 
 
-def probe_units(model: nn.Module, unit: str) -> list[tuple[str, int, nn.Module]]:
-    """(name, layer index, module to reset) for every probe unit of the encoder."""
-    enc = conformer_encoder(model)
+def probe_units(model: nn.Module, unit: str, depth: int | None = None) -> list[tuple[str, int, nn.Module]]:
+    """(name, layer index, module to reset) for every probe unit of the first ``depth`` layers (default: all)."""
+    enc = probed_encoder(model)
+    layers = list(enc.layers)[:depth]
     if unit == "block":
-        return [(f"layers.{i}", i, layer) for i, layer in enumerate(enc.layers)]
+        return [(f"layers.{i}", i, layer) for i, layer in enumerate(layers)]
     units = []
-    for i, layer in enumerate(enc.layers):
+    for i, layer in enumerate(layers):
         for part, names in MODULE_PARTS.items():
             units.append((f"layers.{i}.{part}", i, nn.ModuleDict({n: getattr(layer, n) for n in names})))
     return units

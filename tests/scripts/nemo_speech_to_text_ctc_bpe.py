@@ -23,6 +23,9 @@ def main(cfg):
     trainer.fit(asr_model)
     print("ENCODER", type(asr_model.encoder).__name__, "STEPS", trainer.global_step)
     print("LOWRANK", sum(type(m).__name__ == "LowRankLinear" for m in asr_model.modules()))  # test instrumentation
+    print("GATES", sum(type(m).__name__ == "RetentionGate" for m in asr_model.modules()))
+    print("SHARED", getattr(asr_model.encoder, "share_layers", None), "DEPTHS",
+          [d for _, d in next((cb.history for cb in trainer.callbacks if type(cb).__name__ == "DepthSampling"), [])])
 
 
 if __name__ == '__main__':

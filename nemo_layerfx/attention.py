@@ -1,0 +1,87 @@
+"""Multi-head attention whose heads have their own query/key and value widths (a pruned layer's attention).
+
+Pruning removes query/key dimensions and value dimensions of each head independently (Kubo et al.), so a pruned
+layer's heads differ in width. This module computes what NeMo's ``RelPositionMultiHeadAttention`` (or, without
+``linear_pos``, ``MultiHeadAttention``) computes for full-width heads, head by head, with the scores still scaled
+by the *original* head width (the pruned dimensions contributed exactly zero, so the scale must not change).
+
+Parameters keep NeMo's names: ``linear_q/k`` (Σ qk rows), ``linear_v`` (Σ v rows), ``linear_out`` (Σ v columns),
+``linear_pos`` (Σ qk rows) and ``pos_bias_u/v`` stored flat (Σ qk,), head after head.
+
+Shape notation: B batch, T1 query frames, T2 key frames, P = 2 T1 - 1 relative positions, D d_model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL
+from nemo.utils import avoid_float16_autocast_context
+from torch import nn
+
+
+class RaggedMultiHeadAttention(nn.Module):
+    """Heads of widths ``qk_dims[h]`` (queries, keys, positions) and ``v_dims[h]`` (values)."""
+
+    def __init__(self, d_model: int, qk_dims: Sequence[int], v_dims: Sequence[int], head_dim: int,
+                 dropout_rate: float, rel_pos: bool = True, use_bias: bool = True):
+        super().__init__()
+        if len(qk_dims) != len(v_dims) or not qk_dims:
+            raise ValueError(f"per-head widths need one query/key and one value width per head, got {qk_dims}, "
+                             f"{v_dims}")
+        if min(qk_dims) < 0 or min(v_dims) < 0:
+            raise ValueError(f"per-head widths must be >= 0, got {qk_dims}, {v_dims}")
+        # A head of query/key width 0 scores every key 0 (uniform attention over the valid keys), one of value width 0
+        # contributes nothing: what a gated head whose dimensions are all masked computes.
+        self.qk_dims, self.v_dims = [int(d) for d in qk_dims], [int(d) for d in v_dims]
+        self.h, self.d_k = len(self.qk_dims), int(head_dim)  # d_k: the original head width (scores' scale)
+        self.s_d_k = math.sqrt(self.d_k)
+        nq, nv = sum(self.qk_dims), sum(self.v_dims)
+        self.linear_q = nn.Linear(d_model, nq, bias=use_bias)
+        self.linear_k = nn.Linear(d_model, nq, bias=use_bias)
+        self.linear_v = nn.Linear(d_model, nv, bias=use_bias)
+        self.linear_out = nn.Linear(nv, d_model, bias=use_bias)
+        self.dropout = nn.Dropout(p=dropout_rate)
+        self.rel_pos = rel_pos
+        if rel_pos:
+            self.linear_pos = nn.Linear(d_model, nq, bias=False)
+            self.pos_bias_u = nn.Parameter(torch.zeros(nq))
+            self.pos_bias_v = nn.Parameter(torch.zeros(nq))
+
+    @staticmethod
+    def rel_shift(x: torch.Tensor) -> torch.Tensor:
+        """NeMo's relative shift: (B, H, T1, P) scores by relative position -> by absolute key position."""
+        b, h, qlen, pos_len = x.size()
+        x = torch.nn.functional.pad(x, pad=(1, 0)).view(b, h, -1, qlen)
+        return x[:, :, 1:].view(b, h, qlen, pos_len)
+
+    def forward(self, query, key, value, mask, pos_emb=None, cache=None):
+        """query/key/value (B, T, D); mask (B, T1, T2) True where attention is not allowed; pos_emb (1, P, D)."""
+        if cache is not None:
+            raise NotImplementedError("per-head-width attention does not support cache-aware streaming")
+        if torch.is_autocast_enabled():
+            query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
+        with avoid_float16_autocast_context():
+            qs = self.linear_q(query).split(self.qk_dims, dim=-1)  # H x (B, T1, qk_h)
+            ks = self.linear_k(key).split(self.qk_dims, dim=-1)
+            vs = self.linear_v(value).split(self.v_dims, dim=-1)  # H x (B, T2, v_h)
+            if self.rel_pos:
+                ps = self.linear_pos(pos_emb).split(self.qk_dims, dim=-1)  # H x (1, P, qk_h)
+                us, ws = self.pos_bias_u.split(self.qk_dims), self.pos_bias_v.split(self.qk_dims)
+                ac = torch.stack([(q + u) @ k.transpose(-2, -1) for q, u, k in zip(qs, us, ks)], dim=1)
+                bd = torch.stack([(q + w) @ p.transpose(-2, -1) for q, w, p in zip(qs, ws, ps)], dim=1)
+                bd = self.rel_shift(bd)[:, :, :, : ac.size(-1)]  # (B, H, T1, T2)
+                scores = (ac + bd) / self.s_d_k
+            else:
+                scores = torch.stack([q @ k.transpose(-2, -1) for q, k in zip(qs, ks)], dim=1) / self.s_d_k
+            if mask is not None:
+                mask = mask.unsqueeze(1)  # (B, 1, T1, T2)
+                scores = scores.masked_fill(mask, -INF_VAL)
+                attn = torch.softmax(scores, dim=-1).masked_fill(mask, 0.0)
+            else:
+                attn = torch.softmax(scores, dim=-1)
+            attn = self.dropout(attn)  # (B, H, T1, T2)
+            out = torch.cat([attn[:, i] @ v for i, v in enumerate(vs)], dim=-1)  # (B, T1, Σ v)
+            return self.linear_out(out)

@@ -1,0 +1,104 @@
+"""Sampled depth in training (Tian et al. 2021): each optimizer step runs the first N ~ U{L..H} layers only.
+
+The draw is a pure function of (seed, optimizer step), so every micro-batch of a step (gradient accumulation) and
+every DDP rank get the same N without any communication, and a rerun with the same seed draws the same sequence.
+The encoder cannot see the trainer's step, so ``DepthSampling`` (a Lightning callback, listed under
+``trainer.callbacks``) hands it over before each batch and logs the draw as ``train_depth``.
+
+With unshared layers the layers above N get no gradient in that step: under DDP set
+``trainer.strategy=ddp_find_unused_parameters_true``. With ``share_layers: 1`` every parameter is used every step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from nemo.core.classes.common import Serialization
+from torch import nn
+
+from nemo_layerfx.models import conformer_encoder
+
+
+@dataclass
+class DepthSampler:
+    """The ``depth_sampling`` section of the encoder config.
+
+    low, high: L and H of U{L..H}, inclusive (Tian: U(2, 8) on an 8-layer model). seed: the draw of step t is a
+    function of (seed, t) only.
+    """
+
+    low: int
+    high: int
+    seed: int = 0
+    step: int | None = None  # the optimizer step the next training forward belongs to (set by DepthSampling)
+
+    def check(self, n_layers: int) -> None:
+        if not 1 <= self.low <= self.high <= n_layers:
+            raise ValueError(f"depth_sampling {{low: {self.low}, high: {self.high}}} needs 1 <= low <= high <= "
+                             f"n_layers={n_layers} (e.g. {{low: 2, high: {n_layers}}})")
+
+    def draw(self, step: int) -> int:
+        """N for optimizer step ``step``."""
+        return random.Random(self.seed * 1_000_003 + int(step)).randint(self.low, self.high)
+
+    def depth(self) -> int:
+        if self.step is None:
+            raise RuntimeError(
+                "the encoder has depth_sampling but no optimizer step was handed to it: add "
+                "{_target_: nemo_layerfx.depth.DepthSampling} to trainer.callbacks (the shipped "
+                "conformer_gn_shared configs do), or call encoder.depth_sampler.step = <step> in your own loop")
+        return self.draw(self.step)
+
+
+def apply_option(encoder: nn.Module, value: Any) -> None:
+    """The ``depth_sampling`` encoder option: attach a ``DepthSampler`` (checked against the encoder)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if not isinstance(value, dict) or not {"low", "high"} <= set(value) or set(value) - {"low", "high", "seed"}:
+        raise ValueError(f"depth_sampling must be {{low: L, high: H}} (optionally seed), got {value!r}")
+    sampler = DepthSampler(int(value["low"]), int(value["high"]), int(value.get("seed", 0)))
+    sampler.check(len(encoder.layers))
+    if getattr(encoder, "att_context_style", "regular") != "regular" or len(getattr(encoder, "att_context_size_all",
+                                                                                    [[-1, -1]])) > 1:
+        raise ValueError("depth_sampling cannot be combined with cache-aware streaming (att_context_style / "
+                         "multiple att_context_size): a streaming cache holds one entry per layer for every chunk; "
+                         "train the offline model with depth sampling instead")
+    encoder.depth_sampler = sampler
+
+
+class DepthSampling(pl.Callback, Serialization):
+    """Hands the optimizer step to the encoder's depth sampler before every training batch and logs the draw.
+
+    Listed in a config as ``{_target_: nemo_layerfx.depth.DepthSampling}``. ``history`` keeps (step, depth) of
+    every training batch (plain data, restored with the trainer's checkpoint).
+    """
+
+    def __init__(self, log: bool = True):
+        super().__init__()
+        self.log = log
+        self.history: list[tuple[int, int]] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if getattr(conformer_encoder(pl_module), "depth_sampler", None) is None:
+            raise ValueError("DepthSampling is in trainer.callbacks but the encoder has no depth_sampling: set "
+                             "model.encoder.depth_sampling: {low: L, high: H}, or remove the callback")
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        sampler = conformer_encoder(pl_module).depth_sampler
+        sampler.step = int(trainer.global_step)
+        depth = sampler.depth()
+        self.history.append((sampler.step, depth))
+        if self.log:
+            pl_module.log("train_depth", float(depth), on_step=True, on_epoch=False, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [list(h) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [tuple(h) for h in state_dict.get("history", [])]

@@ -1,0 +1,143 @@
+"""Adaptive-dropout gates and the wrappers that apply them (PEFT's idea: the wrapper keeps ``base_layer``, so the
+gates can be removed and the layer is the one it was).
+
+A gate holds the logits β′ of ``n`` units (``width`` channels each). In training its mask is H(β + ε) with the
+gradient of σ(β + ε) (``_HardSigmoidST``); in eval it is the deterministic 1[β ≥ c∞], which ``prune`` turns into a
+physically smaller model with identical outputs.
+
+Where the masks act, per Conformer layer (the unit map's kinds):
+
+- ``ffn1``/``ffn2``: the input of ``feed_forward{1,2}.linear2`` (hidden units after the activation);
+- ``qk``: the outputs of ``linear_k`` and ``linear_pos``. Masking key and position dimension j zeroes
+  (q_j + u_j) k_j and (q_j + v_j) p_j, exactly as masking the query after its position biases (Kubo's query mask,
+  methods.md §3(d).4), and a pruned j removes the Q, K, linear_pos rows and the pos_bias_u/v entries;
+- ``v``: the output of ``linear_v``;
+- ``conv``: the input of ``conv.pointwise_conv2``, one gate per GroupNorm group. Not per channel at the GLU output
+  as in the paper: with a group-wise norm a channel masked there is not zero downstream (the depthwise bias makes
+  it a constant, and it still enters its group's statistics), so removing it would change the model. A whole group
+  gated after the norm and Swish contributes exactly zero, and removing it leaves the other groups' statistics
+  untouched, so ``prune`` is exact. (Use more GroupNorm groups for a finer conv granularity.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nemo_layerfx.pruning.config import AdaptiveDropoutConfig
+
+
+class _HardSigmoidST(torch.autograd.Function):
+    """Forward: the hard step H(z) exactly; backward: the gradient of σ(z) (Kubo's sigmoid straight-through)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor) -> torch.Tensor:
+        sig = torch.sigmoid(logits)
+        ctx.save_for_backward(sig)
+        return (logits > 0).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (sig,) = ctx.saved_tensors
+        return grad * sig * (1.0 - sig)
+
+
+class GateSchedule(nn.Module):
+    """What every gate of an encoder shares: the config and the optimizer step (a buffer: saved with the model, so a
+    restored model knows its c(t) and prunes at the threshold it was trained to)."""
+
+    def __init__(self, config: AdaptiveDropoutConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("step", torch.tensor(-1, dtype=torch.long))  # -1: no optimizer step handed over yet
+
+    def target(self) -> float:
+        return self.config.target(max(0, int(self.step)))
+
+    def check_step(self) -> None:
+        if int(self.step) < 0:
+            raise RuntimeError(
+                "the encoder has adaptive_dropout gates but no optimizer step was handed to them: add "
+                "{_target_: nemo_layerfx.pruning.AdaptiveDropout} to trainer.callbacks (the shipped "
+                "conformer_gn_adaptive_dropout configs do), or set encoder.adaptive_dropout_schedule.step in your loop")
+
+
+class RetentionGate(nn.Module):
+    """Retention logits of ``n`` units: β = √(γ/α)·β′ + c(t), β′ starting at 0 (so β starts at c₀)."""
+
+    def __init__(self, n: int, width: int, schedule: GateSchedule):
+        super().__init__()
+        self.n, self.width = int(n), int(width)
+        self.beta_prime = nn.Parameter(torch.zeros(self.n))
+        object.__setattr__(self, "schedule", schedule)  # shared, registered once on the encoder
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.beta_prime.zero_()
+
+    def beta(self) -> torch.Tensor:
+        return self.schedule.config.scale * self.beta_prime + self.schedule.target()
+
+    def mask(self) -> torch.Tensor:
+        """(n,) hard 0/1: sampled in training (gradient of σ(β + ε)), 1[β ≥ c∞] in eval."""
+        beta = self.beta()
+        if not self.training:
+            return (beta >= self.schedule.config.c_inf).to(beta.dtype)
+        self.schedule.check_step()
+        u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
+        return _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
+
+    def channel_mask(self) -> torch.Tensor:
+        """(n * width,) the mask per channel (a unit's channels are consecutive)."""
+        m = self.mask()
+        return m.repeat_interleave(self.width) if self.width > 1 else m
+
+    def expected_retention(self) -> torch.Tensor:
+        return torch.sigmoid(self.beta())
+
+    def extra_repr(self) -> str:
+        return f"units={self.n}, width={self.width}"
+
+
+class GatedInput(nn.Module):
+    """``base_layer(x * mask)``, the mask along ``dim`` of x (-1 for a Linear's input, 1 for a Conv1d's)."""
+
+    def __init__(self, base_layer: nn.Module, gate: RetentionGate, dim: int = -1):
+        super().__init__()
+        self.base_layer, self.dim = base_layer, dim
+        object.__setattr__(self, "gate", gate)  # registered on the layer's adaptive_dropout dict
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.gate.channel_mask().to(x.dtype)
+        if self.dim != -1:
+            m = m.view(-1, *([1] * (x.dim() - self.dim - 1)))  # e.g. (C, 1) for (B, C, T)
+        return self.base_layer(x * m)
+
+
+class GatedOutput(nn.Module):
+    """``base_layer(x) * mask`` along the output features."""
+
+    def __init__(self, base_layer: nn.Module, gate: RetentionGate):
+        super().__init__()
+        self.base_layer = base_layer
+        object.__setattr__(self, "gate", gate)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        return y * self.gate.channel_mask().to(y.dtype)

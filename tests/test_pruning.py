@@ -1,0 +1,273 @@
+"""Adaptive-dropout pruning (Kubo et al.): the estimator, the schedule and regularizer, exact physical pruning of
+CTC / RNNT / hybrid models at every location, parameter arithmetic, .nemo round trips, composition, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+import nemo_layerfx  # noqa: F401
+from nemo.collections.asr.models import EncDecCTCModelBPE
+from nemo_layerfx.encoder import GroupNormConformerEncoder, stock_encoder_config
+from nemo_layerfx.fd import DropoutPlan, extract
+from nemo_layerfx.models import count_params, restore
+from nemo_layerfx.pruning import (
+    AdaptiveDropout, AdaptiveDropoutConfig, add_gates, as_probe_report, effective_params, gates_of, prune,
+    regularizer, remove_gates, survival_report,
+)
+from nemo_layerfx.pruning.gates import _HardSigmoidST
+from nemo_layerfx.train import model_class, train
+
+WIDE = ["model.encoder.n_heads=4", "model.encoder.n_layers=2"]  # d_model 32: 4 heads of 8, 4 GN groups of 8
+
+
+@pytest.mark.unit
+def test_forward_is_hard_and_backward_is_the_sigmoids_gradient():
+    z = torch.tensor([-3.0, -0.2, 0.0, 0.4, 5.0], requires_grad=True)
+    m = _HardSigmoidST.apply(z)
+    assert m.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    w = torch.tensor([1.0, -2.0, 3.0, 0.5, 2.0])
+    (m * w).sum().backward()
+    z2 = z.detach().clone().requires_grad_(True)
+    (torch.sigmoid(z2) * w).sum().backward()
+    torch.testing.assert_close(z.grad, z2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.unit
+def test_gate_mask_estimator_schedule_and_regularizer_match_the_closed_forms():
+    from nemo_layerfx.pruning.gates import GateSchedule, RetentionGate
+
+    cfg = AdaptiveDropoutConfig(steps=100)
+    assert [cfg.target(t) for t in (0, 25, 100, 500)] == [10.0, 7.0, -2.0, -2.0]  # linear, then constant
+    assert cfg.scale == pytest.approx(10.0)  # sqrt(gamma / alpha) with the paper's values
+    schedule = GateSchedule(cfg)
+    schedule.step.fill_(25)
+    gate = RetentionGate(6, 1, schedule)
+    with torch.no_grad():
+        gate.beta_prime.copy_(torch.tensor([-1.5, -0.95, -0.8, -0.5, 0.0, 0.3]))  # β = 10 b' + 7
+    torch.manual_seed(3)
+    m = gate.mask()  # training: hard, sampled
+    assert set(m.tolist()) <= {0.0, 1.0}
+    (m * torch.arange(1.0, 7.0)).sum().backward()
+    torch.manual_seed(3)
+    u = torch.rand(6).clamp_(1e-6, 1 - 1e-6)
+    b2 = gate.beta_prime.detach().clone().requires_grad_(True)
+    (torch.sigmoid(10 * b2 + 7 + torch.log(u) - torch.log1p(-u)) * torch.arange(1.0, 7.0)).sum().backward()
+    torch.testing.assert_close(gate.beta_prime.grad, b2.grad)  # the gradient of σ(β + ε), same ε
+    gate.eval()
+    assert gate.mask().tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # deterministic: β >= c_inf = -2
+    # R(β; t) = α Σ (β − c(t))² equals γ ||β'||² under the reparametrization
+    r = cfg.alpha * ((gate.beta() - schedule.target()) ** 2).sum()
+    torch.testing.assert_close(r, cfg.gamma * (gate.beta_prime ** 2).sum())
+
+
+def gated(tiny_cfg, name="conformer_gn_tiny", locations=("ffn", "qk", "v", "conv"), *extra):
+    cfg = tiny_cfg(name, *WIDE, f"+model.encoder.adaptive_dropout={{locations: [{', '.join(locations)}], steps: 10}}",
+                   *extra)
+    torch.manual_seed(0)
+    model = model_class(cfg)(cfg=cfg.model).eval()
+    model.encoder.adaptive_dropout_schedule.step.fill_(10)  # c(t) = c_inf
+    with torch.no_grad():  # a trained-looking model: about half of every kind below the threshold
+        for p in model.encoder.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        for layer in gates_of(model):
+            for g in layer.values():
+                g.beta_prime.normal_(0.0, 0.3)
+                g.beta_prime[0] = 0.5  # one unit of each kind stays open: min_units never overrides the gates here
+    return model
+
+
+def encode(model):
+    g = torch.Generator().manual_seed(0)
+    audio, lengths = torch.randn(3, 16000, generator=g), torch.tensor([16000, 11000, 7000])  # padded batch
+    model.eval()
+    with torch.no_grad():
+        feats, flen = model.preprocessor(input_signal=audio, length=lengths)
+        return model.encoder(audio_signal=feats, length=flen)[0]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["conformer_gn_tiny", "conformer_gn_transducer_tiny", "conformer_gn_hybrid_tiny"])
+@pytest.mark.parametrize("locations", [("ffn",), ("qk",), ("v",), ("conv",), ("ffn", "qk", "v", "conv")])
+def test_pruned_model_equals_the_gated_model(tiny_cfg, name, locations):
+    model = gated(tiny_cfg, name, locations)
+    small, report = prune(model)
+    assert type(small) is type(model) and "adaptive_dropout" not in small.cfg.encoder
+    torch.testing.assert_close(encode(small), encode(model), rtol=1e-5, atol=1e-5)
+    assert count_params(small) == report.params_after < report.params_before
+    assert report.params_after == effective_params(model) and report.notes == []
+    dense = remove_gates(model)
+    assert (encode(dense) - encode(model)).abs().max() > 1e-3  # the removed units did matter
+
+
+def closed_form_params(model, d_model=32, kernel=15, group=8) -> int:
+    """Parameters of the pruned model, written out from the kept counts independently of the library."""
+    total = count_params(remove_gates(model))
+    c_inf = model.encoder.adaptive_dropout_schedule.config.c_inf
+    for layer in gates_of(model):
+        dropped = {k: int((g.beta() < c_inf).sum()) for k, g in layer.items()}
+        total -= (dropped.get("ffn1", 0) + dropped.get("ffn2", 0)) * (2 * d_model + 1)  # W1 row, b1, W2 column
+        total -= dropped.get("qk", 0) * (3 * d_model + 4)  # Q, K, pos rows; q and k biases; u and v entries
+        total -= dropped.get("v", 0) * (2 * d_model + 1)  # V row and bias, linear_out column
+        total -= dropped.get("conv", 0) * group * (3 * d_model + kernel + 5)  # GLU rows+biases, dw, GN, pw2 column
+    return total
+
+
+@pytest.mark.integration
+def test_parameter_counts_equal_the_unit_maps_arithmetic(tiny_cfg):
+    model = gated(tiny_cfg, "conformer_gn_tiny", ("ffn", "qk", "v", "conv"), "model.encoder.conv_kernel_size=15")
+    small, _ = prune(model)
+    assert count_params(small) == effective_params(model) == closed_form_params(model)
+
+
+@pytest.mark.integration
+def test_gated_and_pruned_models_round_trip_as_nemo(tiny_cfg, tmp_path, capsys):
+    from nemo_layerfx_cli import main as layerfx
+
+    model = gated(tiny_cfg)
+    src, dst = tmp_path / "gated.nemo", tmp_path / "pruned.nemo"
+    model.save_to(str(src))
+    again = restore(src)
+    assert int(again.encoder.adaptive_dropout_schedule.step) == 10  # the step travels: c(t) and the threshold too
+    torch.testing.assert_close(encode(again), encode(model), rtol=0, atol=0)
+    assert layerfx(["prune", str(src), str(dst), "--report", str(tmp_path / "survival")]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters:" in printed and "layers.0: ffn1" in printed and "qk" in printed
+    assert (tmp_path / "survival" / "survival.png").is_file()
+    pruned = restore(dst)
+    assert len(pruned.cfg.encoder.layer_qk_dims[0]) == 4  # every head kept, with its own width
+    torch.testing.assert_close(encode(pruned), encode(model), rtol=1e-5, atol=1e-5)
+    assert layerfx(["prune", str(dst), str(tmp_path / "x.nemo")]) == 2
+    assert "the model has no adaptive_dropout gates" in capsys.readouterr().err
+    assert layerfx(["prune", str(src), str(src)]) == 2
+    assert "refusing to overwrite the input model" in capsys.readouterr().err
+    assert not (tmp_path / "x.nemo").exists()
+
+
+@pytest.mark.integration
+def test_min_units_keeps_the_largest_gates_and_says_so(tiny_cfg):
+    model = gated(tiny_cfg, "conformer_gn_tiny", ("ffn",))
+    with torch.no_grad():
+        model.encoder.layers[0].adaptive_dropout.ffn1.beta_prime.fill_(-1.0)  # every unit closed
+        model.encoder.layers[0].adaptive_dropout.ffn1.beta_prime[7] = -0.5  # the largest β
+    small, report = prune(model)
+    assert small.cfg.encoder.ff_hidden[0][0] == 1
+    assert any("layers.0.ffn1: every unit is below c_inf; kept the 1" in n for n in report.notes)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("optimizer, mode, decay", [("sgd", "weight_decay", 2e-5), ("adamw", "loss", 0.0)])
+def test_regularizer_is_right_with_the_optimizer_used(tiny_cfg, optimizer, mode, decay):
+    cfg = tiny_cfg("conformer_gn_adaptive_dropout_tiny", *WIDE, f"model.optim.name={optimizer}",
+                   "model.optim.weight_decay=0.5", "~model.optim.betas", "model.encoder.adaptive_dropout.steps=4")
+    torch.manual_seed(0)
+    model = train(cfg)
+    callback = next(cb for cb in model.trainer.callbacks if isinstance(cb, AdaptiveDropout))
+    assert callback.mode == mode
+    groups = model.trainer.optimizers[0].param_groups
+    gate_ids = {id(g.beta_prime) for layer in gates_of(model) for g in layer.values()}
+    gate_groups = [g for g in groups if any(id(p) in gate_ids for p in g["params"])]
+    assert len(gate_groups) == 1 and all(id(p) in gate_ids for p in gate_groups[0]["params"])
+    assert gate_groups[0]["weight_decay"] == pytest.approx(decay)  # 2γ coupled; 0 when R goes through the loss
+    assert all(g["weight_decay"] == 0.5 for g in groups if g is not gate_groups[0])  # the others keep theirs
+    # loss mode: the callback adds exactly ∇_β′ R (autograd of α Σ (β − c)²)
+    with torch.no_grad():
+        for layer in gates_of(model):
+            for g in layer.values():
+                g.beta_prime.normal_()
+                g.beta_prime.grad = torch.zeros_like(g.beta_prime)
+    callback.mode = "loss"
+    callback.on_before_optimizer_step(model.trainer, model, model.trainer.optimizers[0])
+    added = [g.beta_prime.grad.clone() for layer in gates_of(model) for g in layer.values()]
+    for layer in gates_of(model):
+        for g in layer.values():
+            g.beta_prime.grad = None
+    regularizer(model).backward()
+    expected = [g.beta_prime.grad for layer in gates_of(model) for g in layer.values()]
+    for a, e in zip(added, expected):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.integration
+def test_callback_writes_the_survival_report_and_it_drives_a_dropout_plan(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("conformer_gn_adaptive_dropout_tiny", *WIDE, "trainer.max_steps=6", "trainer.max_epochs=10",
+                   "model.encoder.adaptive_dropout.steps=3",
+                   f"trainer.callbacks=[{{_target_: nemo_layerfx.pruning.AdaptiveDropout, every_n_steps: 2, "
+                   f"out_dir: '{tmp_path}'}}]")
+    torch.manual_seed(0)
+    model = train(cfg)
+    saved = json.loads((tmp_path / "survival.json").read_text())
+    assert model.trainer.global_step == 6 and saved["step"] == 5 and saved["target"] == -2.0 and set(saved["kinds"]) == {"ffn1", "ffn2", "qk", "v", "conv"}
+    assert (tmp_path / "survival.png").is_file()
+    history = next(cb for cb in model.trainer.callbacks if isinstance(cb, AdaptiveDropout)).history
+    assert [h["step"] for h in history][:2] == [2, 4] and "adaptive_dropout/qk/expected_retention" in history[0]
+    report = survival_report(model)
+    plan = DropoutPlan.targeted(as_probe_report(report), n=1, rate=0.5, mode="survival")
+    lowest = min(range(2), key=lambda i: sum(report.survival[k][i] for k in report.kinds))
+    assert plan.rates["ffn"][lowest] == 0.5
+
+
+@pytest.mark.integration
+def test_composition_with_federated_dropout(tiny_cfg):
+    model = gated(tiny_cfg)
+    with pytest.raises(ValueError, match=r"GatedInput, not a dense layer.*layerfx prune"):
+        extract(model, DropoutPlan.flat(2, 0.5))
+    small, _ = prune(model)
+    sub, _ = extract(small, DropoutPlan.flat(2, 0.5, kinds=("ffn", "conv")))  # a pruned model still slices
+    assert count_params(sub) < count_params(small)
+    with pytest.raises(ValueError, match="heads have their own widths"):
+        extract(small, DropoutPlan.flat(2, 0.5, kinds=("head",)))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("spec, message", [
+    ({"locations": ["ffn", "mlp"]}, r"unknown adaptive_dropout location\(s\) \['mlp'\]; choose from ffn, qk, v, conv"),
+    ({"steps": 0}, r"adaptive_dropout.steps \(K\) must be >= 1"),
+    ({"c0": -2.0, "c_inf": -2.0}, r"needs c0 > c_inf"),
+    ({"alpha": 0.0}, r"alpha and gamma must be > 0"),
+    ({"gamma": -1e-5}, r"alpha and gamma must be > 0"),
+    ({"regularizer": "l1"}, r"unknown adaptive_dropout regularizer 'l1'"),
+    ({"min_units": 0}, r"min_units must be >= 1"),
+])
+def test_bad_gate_settings_are_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        GroupNormConformerEncoder(feat_in=20, n_layers=2, d_model=32, n_heads=4, conv_norm_type="group_norm4",
+                                  adaptive_dropout=spec)
+
+
+@pytest.mark.integration
+def test_gates_are_refused_where_pruning_cannot_follow(tiny_cfg):
+    with pytest.raises(ValueError, match="adaptive_dropout cannot be combined with low_rank"):
+        GroupNormConformerEncoder(feat_in=20, n_layers=2, d_model=32, n_heads=4, conv_norm_type="group_norm4",
+                                  low_rank={"ffn": 0.5}, adaptive_dropout={})
+    with pytest.raises(ValueError, match=r"shares parameters between layers"):
+        GroupNormConformerEncoder(feat_in=20, n_layers=2, d_model=32, n_heads=4, conv_norm_type="group_norm4",
+                                  share_layers=1, adaptive_dropout={})
+    cfg = OmegaConf.create(OmegaConf.to_container(tiny_cfg("conformer_gn_tiny", *WIDE).model, resolve=True))
+    with open_dict(cfg):
+        cfg.encoder = stock_encoder_config(cfg.encoder)
+        cfg.encoder.conv_norm_type = "batch_norm"
+    with pytest.raises(ValueError, match="convert it with `layerfx convert-norm` first"):
+        add_gates(EncDecCTCModelBPE(cfg=cfg), {})
+    torch.manual_seed(0)
+    dense = model_class(tiny_cfg("conformer_gn_tiny", *WIDE))(cfg=tiny_cfg("conformer_gn_tiny", *WIDE).model)
+    with pytest.raises(ValueError, match="the model has no adaptive_dropout gates"):
+        prune(dense)
+    fine_tune = add_gates(dense, {"steps": 5})  # gates added to a trained dense model start fully open
+    torch.testing.assert_close(encode(fine_tune), encode(dense), rtol=0, atol=0)
+    assert "adaptive_dropout" in fine_tune.cfg.encoder and "adaptive_dropout" not in dense.cfg.encoder
+
+
+@pytest.mark.unit
+def test_pruning_kinds_of_the_unit_map_cover_every_layer_tensor():
+    from nemo_layerfx.units import FIXED, PRUNE_KINDS, UNIT_MAP, per_head
+
+    layer = GroupNormConformerEncoder(feat_in=20, n_layers=1, d_model=32, n_heads=4,
+                                      conv_norm_type="group_norm4").layers[0]
+    mapped = {s.path for kind in PRUNE_KINDS for s in UNIT_MAP[kind]}
+    for name, _ in layer.named_parameters():
+        assert (name in mapped) != name.startswith(FIXED), f"{name} must be in exactly one of the pruning kinds / FIXED"
+    assert per_head(layer, "qk", torch.tensor([0, 1, 9, 31])) == [2, 1, 0, 1]  # flat dims -> heads of width 8
