@@ -55,8 +55,9 @@ def _probe(args: argparse.Namespace) -> int:
 
     modes = ("reinit", "rerand") if args.mode == "both" else (args.mode,)
     cfg = ProbeConfig(modes=modes, unit=args.unit, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
-                      max_utterances=args.max_utterances, ambient_rel_threshold=args.threshold,
-                      n_ambient=args.n_ambient, batch_variants=args.batch_variants)
+                      max_utterances=args.max_utterances, rule=args.rule, ambient_rel_threshold=args.threshold,
+                      n_ambient=args.n_ambient, batch_variants=args.batch_variants, bootstrap=args.bootstrap,
+                      ci_level=args.ci_level)
     model = restore(args.model)
     if args.device:
         model = model.to(args.device)
@@ -111,11 +112,11 @@ def _compare(args: argparse.Namespace) -> int:
     from nemo_layerfx.importance import compare_reports
 
     reports = [json.loads(Path(path).read_text()) for path in args.reports]
-    result = compare_reports(reports, mode=args.mode, top_n=args.top_n)
+    result = compare_reports(reports, mode=args.mode, top_n=args.top_n, labels=args.labels)
+    what = "ambient-label overlap (Jaccard)" if args.labels else f"top-{args.top_n} ambient overlap"
     for p in result["pairs"]:
         print(f"{args.reports[p['a']]}  vs  {args.reports[p['b']]}: spearman {p['spearman']:+.3f}, "
-              f"top-{args.top_n} ambient overlap {p[f'top{args.top_n}_ambient_overlap']:.2f} "
-              f"({', '.join(p['ambient_a'])} | {', '.join(p['ambient_b'])})")
+              f"{what} {p['overlap']:.2f} ({', '.join(p['ambient_a'])} | {', '.join(p['ambient_b'])})")
     print(f"mean spearman {result['mean_spearman']:+.3f}, mean overlap {result['mean_overlap']:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

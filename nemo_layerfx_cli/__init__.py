@@ -74,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--unit", default="block", choices=["block", "module"],
                     help="block: a whole Conformer layer; module: its ffn1 / attn / conv / ffn2 separately")
     pr.add_argument("--seed", type=int, default=0, help="seed of the re-rand draws")
-    pr.add_argument("--threshold", type=float, default=0.10, help="ambient if WER <= baseline x (1 + threshold)")
+    pr.add_argument("--rule", default="relative", choices=["relative", "ci"],
+                    help="relative: ambient if WER <= baseline x (1 + --threshold); ci: ambient if not significantly "
+                         "worse than the baseline (the bootstrap interval of the WER change reaches 0)")
+    pr.add_argument("--threshold", type=float, default=0.10, help="relative rule: the relative WER increase allowed")
     pr.add_argument("--n-ambient", type=int, default=None, help="instead: label the n least important units ambient")
+    pr.add_argument("--bootstrap", type=int, default=1000,
+                    help="paired bootstrap resamples of the utterances for every unit's interval (0: no intervals)")
+    pr.add_argument("--ci-level", type=float, default=0.95, help="level of the intervals")
     pr.add_argument("--batch-size", type=int, default=16, help="utterances per batch")
     pr.add_argument("--max-utterances", type=int, default=None,
                     help="probe on the first N utterances of the manifest (sorted by duration); default: all")
@@ -108,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("reports", nargs="+", help="probe.json files of `layerfx probe` or the callback")
     cp.add_argument("--mode", default="rerand", choices=["rerand", "reinit"], help="which reset's WER changes to rank")
     cp.add_argument("--top-n", type=int, default=2, help="size of the most-ambient sets to overlap")
+    cp.add_argument("--labels", action="store_true",
+                    help="overlap the reports' own ambient labels (e.g. made with --rule ci) instead of the top n")
     cp.add_argument("--out", default=None, help="also write the comparison as JSON here")
 
     lr = _command(sub, "lowrank", "factorize a trained GroupNorm Conformer's linears by truncated SVD (U·Vᵀ)",
@@ -198,6 +206,10 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError(f"{flag} {value}: must be >= {low}")
         if args.threshold < 0:
             raise ValueError(f"--threshold {args.threshold}: must be >= 0")
+        if args.rule == "ci" and args.bootstrap < 1:
+            raise ValueError(f"--rule ci needs --bootstrap >= 1, got {args.bootstrap}")
+        if not 0.0 < args.ci_level < 1.0:
+            raise ValueError(f"--ci-level {args.ci_level}: must be in (0, 1)")
     elif cmd == "extract":
         _need_file(args.model, "model")
         _distinct(args.model, args.output)

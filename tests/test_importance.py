@@ -221,3 +221,53 @@ def test_spearman_and_compare_reports(tmp_path, capsys):
     assert json.loads((tmp_path / "cmp.json").read_text())["pairs"][1]["same_units"] is False
     assert cli.main(["compare", str(tmp_path / "a.json")]) == 2
     assert "at least two probe reports" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_paired_bootstrap_interval_matches_a_plain_loop():
+    import numpy as np
+
+    from nemo_layerfx.importance.stats import delta_interval, draw_spread, resamples
+
+    rng = np.random.default_rng(0)
+    words = rng.integers(3, 9, size=40)
+    base = rng.binomial(words, 0.1)
+    variant = np.stack([rng.binomial(words, 0.2), rng.binomial(words, 0.25)])  # two draws
+    idx = resamples(40, 500, seed=3)
+    lo, hi = delta_interval(base, words, variant, idx, level=0.9)
+    deltas = []
+    for row in idx:  # the same maths, one resample at a time
+        w = sum(int(words[i]) for i in row)
+        deltas.append((sum(float(variant[:, i].mean()) for i in row) - sum(int(base[i]) for i in row)) / w)
+    assert lo == pytest.approx(float(np.quantile(deltas, 0.05))) and hi == pytest.approx(float(np.quantile(deltas, 0.95)))
+    point = (variant.sum(axis=1).mean() - base.sum()) / words.sum()
+    assert lo < point < hi and lo > 0  # clearly worse: the interval excludes 0
+    per_draw = (variant.sum(axis=1) - base.sum()) / words.sum()
+    assert draw_spread(base, words, variant) == pytest.approx(float(np.std(per_draw, ddof=1)))
+    same = np.stack([base])  # a reset that changes nothing: [0, 0]
+    assert delta_interval(base, words, same, idx) == (0.0, 0.0) and draw_spread(base, words, same) is None
+
+
+@pytest.mark.integration
+def test_interval_labels_on_a_seeded_model(ctc_model, corpus, tmp_path):
+    from nemo_layerfx.fd import DropoutPlan
+    from nemo_layerfx.importance import plot_report
+
+    model, init = ctc_model
+    now = layer_snapshot(model)  # "re-init" to the current values: a reset that changes nothing
+    cfg = ProbeConfig(modes=("reinit", "rerand"), draws=2, rule="ci", bootstrap=400, seed=1)
+    report = probe(model, corpus / "dev_manifest.json", cfg, init=now)
+    assert report.delta_wer["reinit"] == [0.0] * 3 and report.delta_ci["reinit"] == [[0.0, 0.0]] * 3
+    assert report.ambient["reinit"] == report.units  # not significantly worse than the baseline: ambient
+    for d, (lo, hi), sd in zip(report.delta_wer["rerand"], report.delta_ci["rerand"], report.delta_draw_sd["rerand"]):
+        assert lo <= d <= hi and sd is not None and sd >= 0
+    assert report.ambient["rerand"] == [u for u, (lo, _) in zip(report.units, report.delta_ci["rerand"]) if lo <= 0]
+    again = probe(model, corpus / "dev_manifest.json", cfg, init=now)
+    assert again.delta_ci == report.delta_ci  # seeded resamples
+    assert "95% CI" in report.table() and "interval reaches 0" in report.table()
+    plot_report(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    plan = DropoutPlan.targeted(report, n="labels", rate=0.5, mode="reinit")
+    assert plan.rates["ffn"] == [0.5, 0.5, 0.5]  # every layer was labelled ambient
+    with pytest.raises(ValueError, match="unknown ambient rule 'loose'"):
+        ProbeConfig(rule="loose")

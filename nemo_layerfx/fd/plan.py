@@ -56,12 +56,14 @@ class DropoutPlan:
         return cls({k: [rate] * n_layers for k in kinds}, mapping, label=f"Flat {rate:.0%}")
 
     @classmethod
-    def targeted(cls, report: Any, n: int, rate: float, base_rate: float = 0.0, target: str = "ambient",
+    def targeted(cls, report: Any, n: int | str, rate: float, base_rate: float = 0.0, target: str = "ambient",
                  kinds: tuple[str, ...] = ("ffn",), mode: str = "rerand", mapping: str = "pcpr") -> DropoutPlan:
         """``base_rate`` everywhere and ``rate`` on the n most ambient (Zhou's Amb-n) or critical (Crit-n) layers.
 
         report: a block-level probe report (``ProbeReport``, its dict, or a probe.json path); layers are ranked by
-        their WER change under ``mode``.
+        their WER change under ``mode``, the same numbers the probe's table prints. ``n="labels"`` takes n from the
+        report itself: the number of layers it labelled ambient (by its rule, e.g. ``ci``: not significantly worse
+        than the baseline), so the plan targets exactly those (Amb) or as many of the most critical (Crit).
         """
         if target not in ("ambient", "critical"):
             raise ValueError(f"target must be 'ambient' or 'critical', got {target!r}")
@@ -70,7 +72,12 @@ class DropoutPlan:
             raise ValueError(f"the report has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
         layers = _block_layers(r)
         delta = r["delta_wer"][mode]
-        if not 1 <= n <= len(layers):
+        if n == "labels":
+            n = len(r.get("ambient", {}).get(mode, []))
+            if n == 0:
+                raise ValueError(f"n='labels': the report labels no layer ambient under {mode!r} (rule "
+                                 f"{r.get('config', {}).get('rule', 'relative')}); give n as a number")
+        if not isinstance(n, int) or not 1 <= n <= len(layers):
             raise ValueError(f"n={n}: the report ranks {len(layers)} layers; choose 1..{len(layers)}")
         order = sorted(range(len(delta)), key=lambda k: (delta[k], k), reverse=target == "critical")
         chosen = {layers[k] for k in order[:n]}

@@ -38,14 +38,14 @@ class LayerImportanceCallback(pl.Callback, Serialization):
                  at_steps: list[int] | None = None, at_fit_end: bool = True, modes: list[str] | None = None,
                  unit: str = "block", draws: int = 1, seed: int = 0, max_utterances: int | None = None,
                  batch_size: int = 16, ambient_rel_threshold: float = 0.10, n_ambient: int | None = None,
-                 batch_variants: int = 1):
+                 batch_variants: int = 1, rule: str = "relative", bootstrap: int = 1000):
         super().__init__()
         from nemo_layerfx.importance.probe import ProbeConfig
 
         self.config = ProbeConfig(modes=tuple(modes or ("reinit", "rerand")), unit=unit, draws=draws, seed=seed,
                                   max_utterances=max_utterances, batch_size=batch_size,
                                   ambient_rel_threshold=ambient_rel_threshold, n_ambient=n_ambient,
-                                  batch_variants=batch_variants)
+                                  batch_variants=batch_variants, rule=rule, bootstrap=bootstrap)
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.manifest, self.out_dir = manifest, out_dir

@@ -30,11 +30,12 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
 
 
-def compare_reports(reports: list[dict], mode: str = "rerand", top_n: int = 2) -> dict:
+def compare_reports(reports: list[dict], mode: str = "rerand", top_n: int = 2, labels: bool = False) -> dict:
     """Agreement of layer rankings across probe reports (runs, seeds, model sizes): Zhou's stability study.
 
     Pairwise Spearman correlation of the per-unit WER changes (reports over the same units) and the overlap of
-    the ``top_n`` most ambient units (relative depth is used when unit counts differ).
+    the ``top_n`` most ambient units (relative depth is used when unit counts differ), or with ``labels`` the
+    Jaccard overlap of the units each report labelled ambient (e.g. by its confidence intervals: ``rule="ci"``).
     """
     if len(reports) < 2:
         raise ValueError("compare needs at least two probe reports")
@@ -46,20 +47,28 @@ def compare_reports(reports: list[dict], mode: str = "rerand", top_n: int = 2) -
         for j in range(i + 1, len(reports)):
             a, b = reports[i], reports[j]
             da, db = a["delta_wer"][mode], b["delta_wer"][mode]
-            amb_a = sorted(range(len(da)), key=lambda k: (da[k], k))[:top_n]
-            amb_b = sorted(range(len(db)), key=lambda k: (db[k], k))[:top_n]
+            if labels:
+                amb_a = [a["units"].index(u) for u in a.get("ambient", {}).get(mode, [])]
+                amb_b = [b["units"].index(u) for u in b.get("ambient", {}).get(mode, [])]
+            else:
+                amb_a = sorted(range(len(da)), key=lambda k: (da[k], k))[:top_n]
+                amb_b = sorted(range(len(db)), key=lambda k: (db[k], k))[:top_n]
             same_units = a["units"] == b["units"]
             if same_units:
-                overlap = len(set(amb_a) & set(amb_b)) / top_n
+                sa, sb = set(amb_a), set(amb_b)
                 rho = spearman(da, db)
             else:  # different depths: compare relative positions (layer index / layer count)
                 rel = lambda idx, n: round(idx / max(n - 1, 1) * 4)  # noqa: E731  (quintiles of depth)
-                overlap = len({rel(k, len(da)) for k in amb_a} & {rel(k, len(db)) for k in amb_b}) / top_n
+                sa, sb = {rel(k, len(da)) for k in amb_a}, {rel(k, len(db)) for k in amb_b}
                 rho = float("nan")
-            pairs.append({"a": i, "b": j, "same_units": same_units, "spearman": rho,
+            if labels:
+                overlap = len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+            else:
+                overlap = len(sa & sb) / top_n
+            pairs.append({"a": i, "b": j, "same_units": same_units, "spearman": rho, "overlap": overlap,
                           f"top{top_n}_ambient_overlap": overlap,
                           "ambient_a": [a["units"][k] for k in amb_a], "ambient_b": [b["units"][k] for k in amb_b]})
     rhos = [p["spearman"] for p in pairs if not math.isnan(p["spearman"])]
-    return {"mode": mode, "top_n": top_n, "pairs": pairs,
+    return {"mode": mode, "top_n": top_n, "labels": labels, "pairs": pairs,
             "mean_spearman": sum(rhos) / len(rhos) if rhos else float("nan"),
-            "mean_overlap": sum(p[f"top{top_n}_ambient_overlap"] for p in pairs) / len(pairs)}
+            "mean_overlap": sum(p["overlap"] for p in pairs) / len(pairs)}

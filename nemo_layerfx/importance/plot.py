@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 
+
 def plot_report(report: Any, path: str | Path) -> None:
-    """PNG: WER change per unit and reset mode (heatmap), with the weight churn beside it when known."""
+    """PNG: WER change per unit and reset mode (heatmap); the change with its bootstrap interval per unit (ambient
+    units marked); and the weight churn when known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,8 +18,10 @@ def plot_report(report: Any, path: str | Path) -> None:
 
     modes = list(report.delta_wer)
     data = torch.tensor([report.delta_wer[m] for m in modes]).T.numpy()  # (units, modes)
-    ncols = 2 if report.churn else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(3 + 2.2 * ncols, 1.2 + 0.32 * len(report.units)), squeeze=False)
+    ci = getattr(report, "delta_ci", None) or {}
+    panels = ["heat"] + (["ci"] if ci else []) + (["churn"] if report.churn else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3 + 2.4 * len(panels), 1.2 + 0.32 * len(report.units)),
+                             squeeze=False)
     ax = axes[0][0]
     im = ax.imshow(data, cmap="magma_r", aspect="auto")
     ax.set_xticks(range(len(modes)), modes)
@@ -27,8 +31,22 @@ def plot_report(report: Any, path: str | Path) -> None:
                 color="white" if v > data.max() * 0.6 else "black")
     ax.set_title(f"WER change (baseline {report.baseline_wer:.3f})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
+    if ci:
+        axc = axes[0][panels.index("ci")]
+        mode = modes[0]
+        ys = list(range(len(report.units)))
+        lo = [report.delta_wer[mode][i] - ci[mode][i][0] for i in ys]
+        hi = [ci[mode][i][1] - report.delta_wer[mode][i] for i in ys]
+        colors = ["tab:green" if u in report.ambient[mode] else "tab:red" for u in report.units]
+        for y, x, l, h, c in zip(ys, report.delta_wer[mode], lo, hi, colors):
+            axc.errorbar(x, y, xerr=[[l], [h]], fmt="o", color=c, capsize=2, ms=4)
+        axc.axvline(0.0, color="gray", lw=0.8)
+        axc.invert_yaxis()
+        axc.set_yticks(ys, report.units, fontsize=7)
+        level = report.config.get("ci_level", 0.95)
+        axc.set_title(f"{mode}: WER change, {level:.0%} bootstrap CI\n(green: ambient)", fontsize=8)
     if report.churn:
-        ax2 = axes[0][1]
+        ax2 = axes[0][panels.index("churn")]
         layers = range(len(report.churn["block"]))
         for kind in ("attn", "conv", "ffn1", "ffn2"):
             ax2.plot(report.churn[kind], list(layers), marker="o", label=kind)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,12 +26,14 @@ from nemo_layerfx.evaluate import (
     Prefix, audio_batches, batch_loss, decode, encode_prefix, output_from, read_manifest, run_layers, wer,
 )
 from nemo_layerfx.importance.compare import spearman
+from nemo_layerfx.importance.stats import delta_interval, draw_spread, error_counts, resamples
 from nemo_layerfx.importance.resets import (
     check_snapshot, churn, fresh_draw, init_state, load_snapshot, probe_units, probed_encoder, swapped,
 )
 from nemo_layerfx.models import eval_depth
 
 MODES = ("reinit", "rerand")
+RULES = ("relative", "ci", "top_n")
 UNITS = ("block", "module")
 
 
@@ -65,8 +68,11 @@ class ProbeConfig:
     unit: str = "block"  # block: a whole Conformer layer; module: ffn1 / attn / conv / ffn2 with its pre-norm
     draws: int = 1  # re-rand draws averaged per unit
     seed: int = 0  # re-rand draw d of unit u uses the seed seed * 1000003 + u * 1009 + d
-    ambient_rel_threshold: float = 0.10  # ambient if WER <= baseline * (1 + threshold) (Zhou gives no number)
-    n_ambient: int | None = None  # instead: the n units with the smallest WER change are ambient
+    rule: str = "relative"  # how units are labelled ambient: relative | ci | top_n (see ambient_units)
+    ambient_rel_threshold: float = 0.10  # relative: ambient if WER <= baseline * (1 + threshold) (Zhou: no number)
+    n_ambient: int | None = None  # top_n: the n units with the smallest WER change (setting it selects top_n)
+    bootstrap: int = 1000  # paired bootstrap resamples of the utterances for every unit's interval (0: none)
+    ci_level: float = 0.95  # interval level; rule ci: ambient if the interval's lower end is <= 0
     batch_size: int = 16
     max_utterances: int | None = None  # probe on the first N utterances (manifest sorted by duration)
     loss: bool = True  # also the model's loss per reset (one more decoder/joint pass per batch and reset)
@@ -87,6 +93,16 @@ class ProbeConfig:
             raise ValueError("batch_size must be >= 1")
         if self.batch_variants < 1:
             raise ValueError(f"batch_variants must be >= 1, got {self.batch_variants}")
+        if self.n_ambient is not None:
+            self.rule = "top_n"
+        if self.rule not in RULES:
+            raise ValueError(f"unknown ambient rule {self.rule!r}; choose from {', '.join(RULES)}")
+        if self.rule == "top_n" and self.n_ambient is None:
+            raise ValueError("rule top_n needs n_ambient (how many units to label ambient)")
+        if self.rule == "ci" and self.bootstrap < 1:
+            raise ValueError("rule ci needs bootstrap >= 1 (resamples for the intervals)")
+        if self.bootstrap < 0 or not 0.0 < self.ci_level < 1.0:
+            raise ValueError(f"bootstrap must be >= 0 and ci_level in (0, 1), got {self.bootstrap}, {self.ci_level}")
 
 
 @dataclass
@@ -99,6 +115,8 @@ class ProbeReport:
     baseline_loss: float | None = None  # mean over utterances of the per-batch loss
     loss: dict[str, list[float]] = field(default_factory=dict)  # mode -> per-unit loss after the reset
     ambient: dict[str, list[str]] = field(default_factory=dict)
+    delta_ci: dict[str, list[list[float]]] = field(default_factory=dict)  # mode -> per-unit [lo, hi] (bootstrap)
+    delta_draw_sd: dict[str, list[float | None]] = field(default_factory=dict)  # mode -> spread over re-rand draws
     churn: dict[str, list[float]] | None = None  # per-layer ||W_t - W_0||_F / max over layers, per module kind
     churn_rank_correlation: dict[str, float] | None = None  # mode -> Spearman(churn of each unit, its WER change)
     config: dict = field(default_factory=dict)
@@ -109,13 +127,25 @@ class ProbeReport:
 
     def table(self) -> str:
         modes = list(self.delta_wer)
-        head = f"{'unit':<18}" + "".join(f"{'dWER ' + m:>14}" for m in modes) + f"{'label':>10}"
+        level = self.config.get("ci_level", 0.95)
+        ci = {m: self.delta_ci.get(m) for m in modes}
+        head = f"{'unit':<18}" + "".join(f"{'dWER ' + m:>14}" + (f"{f'{level:.0%} CI':>20}" if ci[m] else "")
+                                         for m in modes) + f"{'label':>10}"
         loss = f", loss {self.baseline_loss:.3f}" if self.baseline_loss is not None else ""
-        lines = [f"baseline WER {self.baseline_wer:.4f}{loss} on {self.utterances} utterances", head]
+        rule = {"relative": f"WER <= baseline x {1 + self.config.get('ambient_rel_threshold', 0.1):.2f}",
+                "ci": "interval reaches 0", "top_n": f"the {self.config.get('n_ambient')} smallest changes"}
+        lines = [f"baseline WER {self.baseline_wer:.4f}{loss} on {self.utterances} utterances; ambient: "
+                 f"{rule.get(self.config.get('rule', 'relative'), '?')} ({modes[0]})", head]
         first = modes[0]
         for i, u in enumerate(self.units):
             label = "ambient" if u in self.ambient[first] else "critical"
-            lines.append(f"{u:<18}" + "".join(f"{self.delta_wer[m][i]:>+14.4f}" for m in modes) + f"{label:>10}")
+            cells = ""
+            for m in modes:
+                cells += f"{self.delta_wer[m][i]:>+14.4f}"
+                if ci[m]:
+                    lo, hi = ci[m][i]
+                    cells += f"{f'[{lo:+.4f}, {hi:+.4f}]':>20}"
+            lines.append(f"{u:<18}" + cells + f"{label:>10}")
         if self.churn_rank_correlation:
             lines.append("rank correlation of weight churn and WER change: " + ", ".join(
                 f"{m} {r:+.3f}" for m, r in self.churn_rank_correlation.items()))
@@ -200,12 +230,19 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
                          config={**asdict(cfg), "depth": depth, "n_layers": len(enc.layers)})
     if cfg.loss:
         report.baseline_loss = base_loss / len(refs)
+    base_err, words = error_counts(base_hyps, refs)
+    idx = resamples(len(refs), cfg.bootstrap, cfg.seed) if cfg.bootstrap else None
     for mode in cfg.modes:
         if cfg.loss:
             report.loss[mode] = [sum(per_draw) / len(per_draw) / len(refs) for per_draw in losses[mode]]
         report.wer[mode] = [sum(wer(h, refs) for h in per_draw) / len(per_draw) for per_draw in hyps[mode]]
         report.delta_wer[mode] = [w - base for w in report.wer[mode]]
-        report.ambient[mode] = ambient_units(report.units, report.delta_wer[mode], base, cfg)
+        errs = [np.stack([error_counts(h, refs)[0] for h in per_draw]) for per_draw in hyps[mode]]  # (draws, n)
+        report.delta_draw_sd[mode] = [draw_spread(base_err, words, e) for e in errs]
+        if idx is not None:
+            report.delta_ci[mode] = [list(delta_interval(base_err, words, e, idx, cfg.ci_level)) for e in errs]
+        report.ambient[mode] = ambient_units(report.units, report.delta_wer[mode], base, cfg,
+                                             report.delta_ci.get(mode))
     if init is not None:
         report.churn = churn(model, init)
         unit_churn = [report.churn["block" if cfg.unit == "block" else u.rsplit(".", 1)[1]][int(u.split(".")[1])]
@@ -214,9 +251,13 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
     return report
 
 
-def ambient_units(units: list[str], delta: list[float], base: float, cfg: ProbeConfig) -> list[str]:
-    """Ambient by the n smallest WER changes, or by a WER within (1 + threshold) x baseline."""
-    if cfg.n_ambient is not None:
+def ambient_units(units: list[str], delta: list[float], base: float, cfg: ProbeConfig,
+                  ci: list[list[float]] | None = None) -> list[str]:
+    """The ambient units under ``cfg.rule``: ``relative`` (WER within (1 + threshold) x baseline), ``ci`` (not
+    significantly worse than the baseline: the interval's lower end reaches 0), or ``top_n`` (the n smallest)."""
+    if cfg.rule == "top_n":
         order = sorted(range(len(units)), key=lambda i: (delta[i], i))
         return [units[i] for i in sorted(order[: cfg.n_ambient])]
+    if cfg.rule == "ci":
+        return [u for u, (lo, _) in zip(units, ci) if lo <= 1e-12]
     return [u for u, d in zip(units, delta) if d <= base * cfg.ambient_rel_threshold + 1e-12]
