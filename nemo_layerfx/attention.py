@@ -49,6 +49,22 @@ class RaggedMultiHeadAttention(nn.Module):
             self.linear_pos = nn.Linear(d_model, nq, bias=False)
             self.pos_bias_u = nn.Parameter(torch.zeros(nq))
             self.pos_bias_v = nn.Parameter(torch.zeros(nq))
+        # where each flat dimension sits in a (heads, widest head) zero-padded layout: batched matmuls over heads,
+        # the padding contributing exact zeros to every dot product
+        for name, dims in (("qk", self.qk_dims), ("v", self.v_dims)):
+            head = torch.cat([torch.full((d,), h, dtype=torch.long) for h, d in enumerate(dims)])
+            pos = torch.cat([torch.arange(d) for d in dims])
+            self.register_buffer(f"_{name}_head", head, persistent=False)
+            self.register_buffer(f"_{name}_pos", pos, persistent=False)
+        self.max_qk, self.max_v = max(self.qk_dims), max(self.v_dims)
+
+    def _pad(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """(..., T, Σ dims) -> (..., H, T, widest): every head's dimensions, zero-padded."""
+        head, pos = getattr(self, f"_{kind}_head"), getattr(self, f"_{kind}_pos")
+        width = self.max_qk if kind == "qk" else self.max_v
+        out = x.new_zeros(*x.shape[:-1], self.h, width)
+        out[..., head, pos] = x
+        return out.transpose(-3, -2)
 
     @staticmethod
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
@@ -64,18 +80,18 @@ class RaggedMultiHeadAttention(nn.Module):
         if torch.is_autocast_enabled():
             query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
         with avoid_float16_autocast_context():
-            qs = self.linear_q(query).split(self.qk_dims, dim=-1)  # H x (B, T1, qk_h)
-            ks = self.linear_k(key).split(self.qk_dims, dim=-1)
-            vs = self.linear_v(value).split(self.v_dims, dim=-1)  # H x (B, T2, v_h)
+            q = self._pad(self.linear_q(query), "qk")  # (B, H, T1, widest qk)
+            k = self._pad(self.linear_k(key), "qk")  # (B, H, T2, widest qk)
+            v = self._pad(self.linear_v(value), "v")  # (B, H, T2, widest v)
             if self.rel_pos:
-                ps = self.linear_pos(pos_emb).split(self.qk_dims, dim=-1)  # H x (1, P, qk_h)
-                us, ws = self.pos_bias_u.split(self.qk_dims), self.pos_bias_v.split(self.qk_dims)
-                ac = torch.stack([(q + u) @ k.transpose(-2, -1) for q, u, k in zip(qs, us, ks)], dim=1)
-                bd = torch.stack([(q + w) @ p.transpose(-2, -1) for q, w, p in zip(qs, ws, ps)], dim=1)
-                bd = self.rel_shift(bd)[:, :, :, : ac.size(-1)]  # (B, H, T1, T2)
+                p = self._pad(self.linear_pos(pos_emb), "qk")  # (1, H, P, widest qk)
+                u = self._pad(self.pos_bias_u.unsqueeze(0), "qk").squeeze(-2)  # (H, widest qk)
+                w = self._pad(self.pos_bias_v.unsqueeze(0), "qk").squeeze(-2)
+                ac = (q + u.unsqueeze(1)) @ k.transpose(-2, -1)  # (B, H, T1, T2)
+                bd = self.rel_shift((q + w.unsqueeze(1)) @ p.transpose(-2, -1))[:, :, :, : ac.size(-1)]
                 scores = (ac + bd) / self.s_d_k
             else:
-                scores = torch.stack([q @ k.transpose(-2, -1) for q, k in zip(qs, ks)], dim=1) / self.s_d_k
+                scores = q @ k.transpose(-2, -1) / self.s_d_k
             if mask is not None:
                 mask = mask.unsqueeze(1)  # (B, 1, T1, T2)
                 scores = scores.masked_fill(mask, -INF_VAL)
@@ -83,5 +99,5 @@ class RaggedMultiHeadAttention(nn.Module):
             else:
                 attn = torch.softmax(scores, dim=-1)
             attn = self.dropout(attn)  # (B, H, T1, T2)
-            out = torch.cat([attn[:, i] @ v for i, v in enumerate(vs)], dim=-1)  # (B, T1, Σ v)
-            return self.linear_out(out)
+            out = (attn @ v).transpose(1, 2)  # (B, T1, H, widest v)
+            return self.linear_out(out[:, :, self._v_head, self._v_pos])  # (B, T1, Σ v) -> (B, T1, D)

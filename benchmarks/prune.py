@@ -1,0 +1,142 @@
+"""Adaptive-dropout pruning costs: training with gates vs dense, and the pruned model's size and inference speed.
+
+In one run, at Conformer-M width (16 layers, d_model 256, 4 heads) on real batches (1-s commands, ~2-s sentences,
+~9-s joined utterances):
+
+- the training step (forward, CTC, backward, AdamW) of the gated model vs the dense one (target <= 1.10);
+- the pruned model (built by ``prune``: FFN units, per-head query/key and value dimensions and conv groups
+  removed) vs the dense one: parameters (target <= 0.45) and encoder inference time (target >= 1.8x faster),
+  with the limit the parameter ratio sets (1 / ratio).
+
+Which units are pruned: by default every gate keeps the share ``--keep`` of its units (drawn at random, seeded);
+``--survival survival.json`` (from a trained model: ``layerfx prune --report`` or the AdaptiveDropout callback)
+keeps, per layer and kind, the share that run kept, stretched over the 16 layers. Writes
+results/prune_<device>.{json,md}.
+
+    python benchmarks/prune.py --corpus data/commands --survival experiments/results/runs/adaptive_dropout_L8/adl_seed0/survival.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from nemo.collections.asr.models import EncDecCTCModelBPE
+from nemo.utils import logging
+
+from common import ctc_step, encoder_forward, length_batches, machine, median_ratio, time_interleaved
+from nemo_layerfx.models import count_params
+from nemo_layerfx.pruning import gates_of, prune, remove_gates
+from nemo_layerfx.train import compose_config
+
+TARGETS = {"params": 0.45, "inference_speedup": 1.8, "gated_step": 1.10}
+
+
+def build(args):
+    enc = "model.encoder."
+    over = [f"corpus_dir={args.corpus}", f"{enc}n_layers={args.layers}", f"{enc}d_model={args.d_model}",
+            f"{enc}n_heads={args.heads}", f"{enc}subsampling_conv_channels={args.subsampling_channels}",
+            f"{enc}conv_kernel_size={args.kernel}", f"{enc}dropout=0", f"{enc}dropout_att=0",
+            f"+{enc}adaptive_dropout={{steps: 100}}"]
+    torch.manual_seed(0)
+    return EncDecCTCModelBPE(cfg=compose_config("conformer_gn_tiny", over).model)
+
+
+def set_keep_(model, keep: dict[str, list[float]] | float, seed: int = 0) -> None:
+    """Close gates so that layer i keeps the share keep[kind][i] of each kind (or ``keep`` everywhere)."""
+    g = torch.Generator().manual_seed(seed)
+    model.encoder.adaptive_dropout_schedule.step.fill_(10**6)  # c(t) = c_inf: the deterministic threshold
+    layers = gates_of(model)
+    for i, gates in enumerate(layers):
+        for kind, gate in gates.items():
+            if isinstance(keep, dict):
+                src = keep[kind]
+                share = src[min(len(src) - 1, i * len(src) // len(layers))]  # stretch the trained run's depth
+            else:
+                share = keep
+            n_keep = max(1, round(share * gate.n))
+            order = torch.randperm(gate.n, generator=g)
+            with torch.no_grad():
+                gate.beta_prime.fill_(-1.0)  # β = -12 < c_inf: pruned
+                gate.beta_prime[order[:n_keep]] = 1.0  # β = 8 >= c_inf: kept
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--sentences", help="sentences corpus (default: synthesize 96 utterances into a temp folder)")
+    p.add_argument("--joined-seconds", type=float, default=8.0)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kernel", type=int, default=31)
+    p.add_argument("--subsampling-channels", type=int, default=64)
+    p.add_argument("--keep", type=float, default=0.4, help="share of units every gate keeps (without --survival)")
+    p.add_argument("--survival", default=None, help="a survival.json: keep per layer and kind what that run kept")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    logging.setLevel(logging.ERROR)
+    gated = build(args)
+    keep = json.loads(Path(args.survival).read_text())["survival"] if args.survival else args.keep
+    set_keep_(gated, keep)
+    dense = remove_gates(gated)
+    pruned, report = prune(gated)
+    models = {"dense": dense.to(args.device), "gated": gated.to(args.device), "pruned": pruned.to(args.device)}
+    params = {k: count_params(remove_gates(m) if k == "gated" else m) for k, m in models.items()}
+    batches, tmp = length_batches(args.corpus, args.sentences, args.batch, args.joined_seconds)
+    settings = {}
+    for name, (audio, lengths, texts) in batches.items():
+        audio, lengths = audio.to(args.device), lengths.to(args.device)
+        gated.encoder.adaptive_dropout_schedule.step.fill_(50)  # mid-schedule: the gates sample, as in training
+        train = time_interleaved({k: ctc_step(models[k], audio, lengths, texts, "adamw") for k in ("dense", "gated")},
+                                 args.rounds)
+        infer = time_interleaved({k: encoder_forward(models[k], audio, lengths) for k in ("dense", "pruned")},
+                                 2 * args.rounds)
+        settings[name] = {"mean_seconds": round(float(lengths.float().mean()) / 16000, 2),
+                          "train_step_s": {k: statistics.median(v) for k, v in train.items()},
+                          "gated_step_ratio": median_ratio(train["gated"], train["dense"]),
+                          "inference_s": {k: statistics.median(v) for k, v in infer.items()},
+                          "inference_speedup": median_ratio(infer["dense"], infer["pruned"]),
+                          "raw": {"train": train, "inference": infer}}
+        print(name, round(settings[name]["gated_step_ratio"], 3), round(settings[name]["inference_speedup"], 2),
+              flush=True)
+    if tmp is not None:
+        tmp.cleanup()
+    ratio = params["pruned"] / params["dense"]
+    met = {"params <= 0.45": ratio <= TARGETS["params"],
+           **{f"inference >= 1.8x ({k})": v["inference_speedup"] >= TARGETS["inference_speedup"]
+              for k, v in settings.items()},
+           **{f"gated step <= 1.10 ({k})": v["gated_step_ratio"] <= TARGETS["gated_step"] for k, v in settings.items()}}
+    result = {"benchmark": "adaptive-dropout gates and the pruned model vs dense", **machine(), "config": vars(args),
+              "kept": report.kept, "params": params, "param_ratio": ratio, "settings": settings, "targets": TARGETS,
+              "target_met": met}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"prune_{result['device']}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    hw = result["gpu"] or f"CPU, {result['cpu_threads']} threads"
+    source = f"the survival pattern of {args.survival}" if args.survival else f"{args.keep:.0%} of every gate's units"
+    lines = [f"# Adaptive-dropout pruning costs ({hw}; torch {torch.__version__})", "",
+             f"GroupNorm Conformer-CTC, {args.layers} layers, d_model {args.d_model}, {args.heads} heads, conv "
+             f"kernel {args.kernel}; pruned model keeps {source}; batches of {args.batch} real utterances; "
+             f"{args.rounds} interleaved rounds (training), {2 * args.rounds} (inference).", "",
+             "| | dense | pruned | ratio |", "|---|---|---|---|",
+             f"| parameters | {params['dense']:,} | {params['pruned']:,} | {ratio:.3f} (target <= 0.45) |", "",
+             "| batch | gated / dense training step (target <= 1.10) | inference speed-up of the pruned encoder "
+             "(target >= 1.8) | limit 1 / parameter ratio |", "|---|---|---|---|"]
+    for k, v in settings.items():
+        lines.append(f"| {k}, mean {v['mean_seconds']:.1f} s | {v['gated_step_ratio']:.3f} | "
+                     f"{v['inference_speedup']:.2f}x | {1 / ratio:.2f}x |")
+    lines += ["", "Targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + "."]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
