@@ -60,3 +60,22 @@ def tiny_cfg(corpus, tmp_path):
         return compose_config(name, over + [f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}", *extra])
 
     return make
+
+
+_FEATURES: dict = {}
+
+
+def features(model):
+    """Log-mel features of a fixed padded batch (3 utterances of 1, 0.69 and 0.44 s), computed once per preprocessor
+    config: NeMo's featurizer can differ in the last bits between calls on CPU (seen up to ~2e-4 after
+    normalization), and tests that compare encoders exactly must feed both the same input."""
+    import torch
+
+    key = str(model.cfg.preprocessor)
+    if key not in _FEATURES:
+        g = torch.Generator().manual_seed(0)
+        audio, lengths = torch.randn(3, 16000, generator=g), torch.tensor([16000, 11000, 7000])
+        model.preprocessor.eval()
+        with torch.no_grad():
+            _FEATURES[key] = model.preprocessor(input_signal=audio, length=lengths)
+    return _FEATURES[key]

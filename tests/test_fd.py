@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import nemo_layerfx  # noqa: F401
+from conftest import features
 from nemo_layerfx.fd import (
     DropoutPlan, ServerOptimizer, aggregate, choose_units, clone_model, expand, extract, mask_units_,
     plan_param_count, slice_state, tensor_index, unit_seed,
@@ -28,16 +29,10 @@ def ctc(tiny_cfg):
     return build(tiny_cfg)
 
 
-def batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    audio = torch.randn(3, 16000, generator=g)
-    return audio, torch.tensor([16000, 11000, 7000])  # padded batch: padding must not matter either
-
-
 @torch.no_grad()
-def encode(model, audio, lengths):
+def encode(model):
+    feats, flen = features(model)  # a padded batch: padding must not matter either
     model.eval()
-    feats, flen = model.preprocessor(input_signal=audio, length=lengths)
     return model.encoder(audio_signal=feats, length=flen)
 
 
@@ -55,8 +50,8 @@ def test_a_plan_that_drops_nothing_reproduces_the_model(ctc):
     sub, units = extract(ctc, DropoutPlan.flat(3, 0.0, kinds=ALL), seed=5)
     full, sub_state = ctc.state_dict(), sub.state_dict()
     assert full.keys() == sub_state.keys() and all(torch.equal(full[k], sub_state[k]) for k in full)
-    out, out_len = encode(sub, *batch())
-    ref, ref_len = encode(ctc, *batch())
+    out, out_len = encode(sub)
+    ref, ref_len = encode(ctc)
     assert torch.equal(out, ref) and torch.equal(out_len, ref_len)
 
 
@@ -70,10 +65,10 @@ def test_submodel_equals_full_model_with_units_masked(tiny_cfg, name, kinds):
     assert type(sub) is type(model) and sub.cfg.encoder.d_model == model.cfg.encoder.d_model
     masked = clone_model(model)
     mask_units_(masked, units)
-    out, _ = encode(sub, *batch())
-    ref, _ = encode(masked, *batch())
+    out, _ = encode(sub)
+    ref, _ = encode(masked)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    full, _ = encode(model, *batch())
+    full, _ = encode(model)
     assert (out - full).abs().max() > 1e-3  # the dropped units did matter
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import pytest
 import torch
+from conftest import features
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
@@ -195,11 +196,9 @@ def trained(tiny_cfg):
 
 
 def encode(model):
-    g = torch.Generator().manual_seed(0)
-    audio, lengths = torch.randn(3, 16000, generator=g), torch.tensor([16000, 11000, 7000])
+    feats, flen = features(model)  # a padded batch
     model.eval()
     with torch.no_grad():
-        feats, flen = model.preprocessor(input_signal=audio, length=lengths)
         return model.encoder(audio_signal=feats, length=flen)[0]
 
 
