@@ -1,0 +1,59 @@
+"""`experiments/reproduce.py`: one command per paper, resumable, a report row per claim (smoke budget)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+RESULTS = REPO / "experiments" / "results"
+
+
+def reproduce(corpus, out) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), "zhou", "--budget", "smoke",
+                           "--corpus", str(corpus), "--out", str(out)], capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.integration
+def test_zhou_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
+    # the landed studies' results, as the script finds them in experiments/results
+    shutil.copy(RESULTS / "stability.json", tmp_path)
+    for run in [*RESULTS.glob("runs/L[48]_seed*/block.json"),
+                *RESULTS.glob("runs/fd_L8_r75b10-ffn-head-conv_seed*/result.json")]:
+        dest = tmp_path / run.relative_to(RESULTS)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run, dest)
+    first = reproduce(corpus, tmp_path)
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = tmp_path / "zhou" / "REPORT_smoke.md"
+    assert f"report: {report}" in first.stdout
+    claims = json.loads((tmp_path / "zhou" / "REPORT_smoke.json").read_text())["claims"]
+    names = [c["claim"] for c in claims]
+    for expected in ("BatchNorm removes the ambient property", "attention churn rises with depth",
+                     "ambient and critical layers separate", "layer rankings are stable across training runs",
+                     "targeting ambient layers beats targeting critical ones"):
+        assert any(n.startswith(expected) for n in names), (expected, names)
+    # one seed: no verdict can be more than inconclusive
+    assert all(c["verdict"].startswith("inconclusive") for c in claims if "per seed" in c["measured"]
+               or "BN − GN" in c["measured"])
+    text = report.read_text()
+    assert text.count("| GroupNorm (ours) | 0 |") == 1 and "| BatchNorm (NeMo) | 0 |" in text
+    done = sorted((tmp_path / "zhou" / "smoke" / "runs").glob("*/done.json"))
+    assert len(done) == 3
+    stamps = [p.stat().st_mtime_ns for p in done]
+    second = reproduce(corpus, tmp_path)  # every run is on disk: nothing retrains, the report is rewritten
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert [p.stat().st_mtime_ns for p in done] == stamps
+    assert json.loads((tmp_path / "zhou" / "REPORT_smoke.json").read_text())["claims"] == claims
+
+
+@pytest.mark.unit
+def test_unknown_paper_is_refused():
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), "hinton"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "invalid choice: 'hinton'" in out.stderr
