@@ -151,7 +151,9 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; "
              f"tiny GroupNorm Conformer-CTC preset (d_model 144, 4 heads, FFN 576) at {args.layers} layers, "
              f"{args.epochs} epochs, seeds {seeds}. WER: greedy, dev 101 utterances (530 words), test 135. "
-             "± is the standard deviation over seeds.", "",
+             "± is the standard deviation over seeds. *train s / epoch* is the wall time of each run as it "
+             "happened, with other jobs sharing the CPU for some arms: not a speed measurement (that is "
+             "`benchmarks/lowrank.py`, interleaved).", "",
              "| arm | encoder params | dev WER | test WER | train s / epoch | early loss | final loss | roughness |",
              "|---|---|---|---|---|---|---|---|"]
     for arm, rs in by_arm.items():
