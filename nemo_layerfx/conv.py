@@ -1,0 +1,152 @@
+"""The Conformer conv module with a GroupNorm that ignores padded frames (the core of the padding-exact encoder).
+
+NeMo's ``group_normG`` normalizes over the whole padded time axis; ``MaskedGroupNorm`` takes each group's statistics
+from the valid frames only, with an analytic backward (``_MaskedGroupNormFn``) so training stays as fast as NeMo's.
+
+Shape notation: B batch, T frames, D d_model, C conv channels, G groups.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D
+from nemo.collections.asr.parts.utils.activations import Swish
+from torch import nn
+
+STOCK_ENCODER_TARGET = "nemo.collections.asr.modules.ConformerEncoder"
+_GROUP_NORM = re.compile(r"^group_norm(\d+)$")
+
+def parse_num_groups(conv_norm_type: str) -> int:
+    """Read G from NeMo's ``group_norm<G>`` spelling; anything else is a config error."""
+    m = _GROUP_NORM.match(str(conv_norm_type))
+    if m is None or int(m.group(1)) < 1:
+        raise ValueError(
+            f"GroupNormConformerEncoder needs conv_norm_type='group_norm<G>' with G >= 1 (e.g. 'group_norm8'), "
+            f"got {conv_norm_type!r}. For batch_norm/layer_norm use {STOCK_ENCODER_TARGET}."
+        )
+    return int(m.group(1))
+
+
+class _MaskedGroupNormFn(torch.autograd.Function):
+    """Valid-frame GroupNorm with a hand-written backward.
+
+    Fewer, larger ops than the autograd chain of the same maths: small Conformer steps on a GPU are bound by
+    launching kernels (H100, d_model 256 x 16 layers: encoder step 1.19x -> 1.13x of BatchNorm's).
+    """
+
+    @staticmethod
+    def forward(ctx, x, valid, weight, bias, num_groups: int, eps: float):
+        B, C, T = x.shape
+        G, Cg = num_groups, C // num_groups
+        xm = x * valid  # (B, C, T), padded frames -> 0
+        # Statistics over the whole padded group (one fused kernel), rescaled to the valid frames: with zeros on
+        # padding, mean_valid = k * mean_all and E_valid[x^2] = k * E_all[x^2], k = T / T_valid.
+        var_all, mean_all = torch.var_mean(xm.view(B, G, Cg * T), dim=2, correction=0)  # (B, G)
+        n_valid = valid.sum(dim=2).clamp_min(1.0)  # (B, 1)
+        k = T / n_valid
+        mean = mean_all * k
+        rstd = torch.rsqrt(((var_all + mean_all.square()) * k - mean.square()).clamp_min(0.0) + eps)
+        w, b = weight.view(1, G, Cg), bias.view(1, G, Cg)
+        scale = rstd.unsqueeze(2) * w  # (B, G, Cg)
+        shift = b - (mean * rstd).unsqueeze(2) * w
+        y = torch.addcmul(shift.view(B, C, 1), xm, scale.view(B, C, 1)) * valid  # padded frames -> 0
+        ctx.save_for_backward(xm, valid, weight, mean, rstd, n_valid)
+        ctx.num_groups = G
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xm, valid, weight, mean, rstd, n_valid = ctx.saved_tensors
+        B, C, T = xm.shape
+        G, Cg = ctx.num_groups, C // ctx.num_groups
+        dy = (dy * valid).view(B, G, Cg, T)  # padded outputs are constant zeros
+        xhat = ((xm.view(B, G, Cg, T) - mean.view(B, G, 1, 1)) * rstd.view(B, G, 1, 1)) * valid.view(B, 1, 1, T)
+        dxhat = dy * weight.view(1, G, Cg, 1)
+        n = (n_valid * Cg).view(B, 1, 1, 1)
+        mean_dxhat = dxhat.sum(dim=(2, 3), keepdim=True) / n
+        mean_dxhat_xhat = (dxhat * xhat).sum(dim=(2, 3), keepdim=True) / n
+        dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * rstd.view(B, G, 1, 1) * valid.view(B, 1, 1, T)
+        dweight = (dy * xhat).sum(dim=(0, 3)).reshape(C)
+        dbias = dy.sum(dim=(0, 3)).reshape(C)
+        return dx.view(B, C, T), None, dweight, dbias, None, None
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm over (channels in group x valid frames): padded frames do not enter the statistics and
+    come out as zeros."""
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, C, T); pad_mask: (B, T), True on padded frames. Returns (B, C, T)."""
+        if pad_mask is None:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        # statistics in float32 also under fp16/bf16 autocast, as F.group_norm does
+        valid = (~pad_mask).float().unsqueeze(1)  # (B, 1, T)
+        weight = self.weight.float() if self.affine else x.new_ones(x.shape[1], dtype=torch.float32)
+        bias = self.bias.float() if self.affine else x.new_zeros(x.shape[1], dtype=torch.float32)
+        y = _MaskedGroupNormFn.apply(x.float(), valid, weight, bias, self.num_groups, self.eps)
+        return y.to(x.dtype)
+
+
+class MaskedConformerConvolution(nn.Module):
+    """Conformer conv module (pointwise -> GLU -> depthwise -> masked GroupNorm -> Swish -> pointwise).
+
+    Same parameter names as NeMo's ``ConformerConvolution`` (the norm stays under ``batch_norm``), but with
+    ``channels`` inner channels (NeMo: always d_model) so slimmed models are expressible.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        kernel_size: int,
+        num_groups: int,
+        channels: int | None = None,
+        conv_context_size: Any = None,
+        use_bias: bool = True,
+    ):
+        super().__init__()
+        channels = d_model if channels is None else channels
+        if (kernel_size - 1) % 2 != 0:
+            raise ValueError(f"conv_kernel_size must be odd, got {kernel_size}")
+        if num_groups < 1 or channels < 1 or channels % num_groups != 0:
+            raise ValueError(
+                f"conv_norm_type='group_norm{num_groups}': {num_groups} groups do not divide the {channels} conv "
+                f"channels; choose G dividing {channels}"
+            )
+        self.d_model, self.channels, self.kernel_size = d_model, channels, kernel_size
+        if conv_context_size is None:
+            conv_context_size = (kernel_size - 1) // 2
+        self.pointwise_conv1 = nn.Conv1d(d_model, 2 * channels, kernel_size=1, bias=use_bias)
+        self.depthwise_conv = CausalConv1D(
+            channels, channels, kernel_size=kernel_size, stride=1, padding=conv_context_size, groups=channels,
+            bias=use_bias,
+        )
+        self.batch_norm = MaskedGroupNorm(num_groups=num_groups, num_channels=channels)  # NeMo's name, for ckpts
+        self.activation = Swish()
+        self.pointwise_conv2 = nn.Conv1d(channels, d_model, kernel_size=1, bias=use_bias)
+
+    @property
+    def norm(self) -> MaskedGroupNorm:
+        """The GroupNorm (NeMo calls the attribute ``batch_norm`` whatever the norm is)."""
+        return self.batch_norm
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        """x: (B, T, D); pad_mask: (B, T), True on padding. Returns (B, T, D)."""
+        if cache is not None:
+            raise NotImplementedError(
+                "cache-aware streaming is not supported by GroupNormConformerEncoder: its GroupNorm statistics "
+                "span the whole utterance, which a streaming chunk cannot see. Use NeMo's ConformerEncoder with "
+                "conv_norm_type='layer_norm' for cache-aware streaming."
+            )
+        x = self.pointwise_conv1(x.transpose(1, 2))  # (B, 2C, T)
+        x = F.glu(x, dim=1)  # (B, C, T)
+        if pad_mask is not None:
+            x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
+        x = self.depthwise_conv(x)
+        x = self.batch_norm(x, pad_mask)
+        x = self.activation(x)
+        x = self.pointwise_conv2(x)  # (B, D, T)
+        return x.transpose(1, 2)
