@@ -20,6 +20,7 @@ def test_examples_speech_to_text_entry_point(corpus, tmp_path):
                f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}", "layerfx.report_wer=true"], tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "[layerfx] dev WER at start:" in out.stdout and "dev WER at end:" in out.stdout
+    assert "manifest_filepath` was None" not in out.stdout + out.stderr  # no test set is not worth a warning
 
 
 @pytest.mark.integration
