@@ -29,6 +29,7 @@ def test_shipped_config_trains_through_entry_point(tiny_cfg, config, cls_name, t
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= report["start"]["val_wer"] and 0.0 <= report["end"]["val_wer"]
     assert (tmp_path / "model.nemo").is_file()
+    assert report["nemo"] == str((tmp_path / "model.nemo").resolve())  # the next commands need its path
 
 
 @pytest.mark.integration

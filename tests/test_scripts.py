@@ -17,9 +17,11 @@ def run(args: list[str], cwd) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 def test_examples_speech_to_text_entry_point(corpus, tmp_path):
     out = run([str(REPO / "examples/asr/speech_to_text.py"), "--config-name", "conformer_gn_tiny", *TINY,
-               f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}", "layerfx.report_wer=true"], tmp_path)
+               f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}", "layerfx.report_wer=true",
+               f"layerfx.save_to={tmp_path}/m.nemo"], tmp_path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "[layerfx] dev WER at start:" in out.stdout and "dev WER at end:" in out.stdout
+    assert f"[layerfx] trained model: {(tmp_path / 'm.nemo').resolve()}" in out.stdout
     assert "manifest_filepath` was None" not in out.stdout + out.stderr  # no test set is not worth a warning
 
 
