@@ -5,6 +5,7 @@ Capabilities (importance, federated dropout, depth, pruning, low rank) import th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -60,14 +61,43 @@ def load_config(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is not a readable .nemo archive ({type(e).__name__}: {e})") from e
 
 
+# NeMo warns, with the whole data config, that a model built without a trainer or without a test manifest has no
+# data loaders: true of every restored model and of configs with no test set, and only noise to our users.
+NO_DATA_WARNINGS = ("If you intend to do", "Please call the ModelPT.setup_",
+                    "Could not load dataset as `manifest_filepath` was None")
+
+
+class _DropMessages:
+    def __init__(self, fragments: tuple[str, ...]):
+        self.fragments = fragments
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+@contextlib.contextmanager
+def without_nemo_warnings(*fragments: str):
+    """Drop NeMo log records containing any of ``fragments`` inside the block (all other records pass)."""
+    import logging
+
+    logger, drop = logging.getLogger("nemo_logger"), _DropMessages(fragments)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def restore(path: str | os.PathLike, override_config: Any = None, strict: bool = True):
     """``ASRModel.restore_from`` on CPU, with a clear error for a missing, corrupt or truncated archive."""
     from nemo.collections.asr.models import ASRModel
 
     path = _check_file(path)
     try:
-        return ASRModel.restore_from(str(path), override_config_path=override_config, map_location="cpu",
-                                     strict=strict)
+        with without_nemo_warnings(*NO_DATA_WARNINGS):
+            return ASRModel.restore_from(str(path), override_config_path=override_config, map_location="cpu",
+                                         strict=strict)
     except Exception as e:
         raise ValueError(f"could not restore {path}: {type(e).__name__}: {e}") from e
 

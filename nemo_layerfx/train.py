@@ -13,7 +13,6 @@ while the experiment's log file keeps everything). The path of the trained ``.ne
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from nemo_layerfx.models import NO_DATA_WARNINGS, without_nemo_warnings
 from nemo_layerfx.registration import register
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -107,30 +107,6 @@ def _metrics(results: list[dict]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-class _DropNoTestSet:
-    """A logging filter: NeMo warns at model construction when ``test_ds`` has no manifest, which is how the shipped
-    configs say "no test set" (a test set runs after fit when one is given); the warning only alarms users."""
-
-    def filter(self, record) -> bool:
-        return "Could not load dataset as `manifest_filepath` was None" not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _no_test_set_warning(cfg: DictConfig):
-    import logging as std_logging
-
-    test = cfg.model.get("test_ds")
-    if test is None or test.get("manifest_filepath"):
-        yield
-        return
-    logger, drop = std_logging.getLogger("nemo_logger"), _DropNoTestSet()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
-
-
 def train(cfg: DictConfig, extra_callbacks: list | None = None):
     """Build the trainer, exp_manager and model from ``cfg``, fit, and return the trained model.
 
@@ -152,7 +128,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None):
         trainer_kwargs["callbacks"] = list(trainer_kwargs.get("callbacks") or []) + list(extra_callbacks)
     trainer = pl.Trainer(**trainer_kwargs)
     exp_manager(trainer, cfg.get("exp_manager", None))
-    with _no_test_set_warning(cfg):
+    with without_nemo_warnings(*NO_DATA_WARNINGS[2:]):  # a config without a test set is not worth a warning
         model = cls(cfg=cfg.model, trainer=trainer)
     model.maybe_init_from_pretrained_checkpoint(cfg)
 

@@ -179,7 +179,7 @@ def test_snapshot_round_trip_and_bad_inputs(ctc_model, corpus, tmp_path, tiny_cf
 
 
 @pytest.mark.integration
-def test_cli_probe_on_a_nemo_file(ctc_model, corpus, tmp_path, capsys):
+def test_cli_probe_on_a_nemo_file(ctc_model, corpus, tmp_path, capsys, caplog):
     from nemo_layerfx import cli
 
     model, init = ctc_model
@@ -195,6 +195,7 @@ def test_cli_probe_on_a_nemo_file(ctc_model, corpus, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert set(report["delta_wer"]) == {"reinit", "rerand"} and len(report["units"]) == 3
     assert (tmp_path / "out" / "probe.png").stat().st_size > 1000
+    assert "If you intend to do" not in caplog.text  # restoring prints no data-config dumps
 
 
 @pytest.mark.unit
