@@ -21,7 +21,6 @@ import platform
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from nemo.collections.asr.models import EncDecCTCModelBPE
 from nemo.utils import logging
 
 import nemo_layerfx
+from common import joined_groups, load_batch
 from nemo_layerfx.corpus import CorpusConfig, make_corpus
 from nemo_layerfx.fd import DropoutPlan, extract
 from nemo_layerfx.importance import _token_ids, read_manifest
@@ -42,35 +42,6 @@ def payload_bytes(model) -> int:
         return ArrayRecord(model.state_dict()).count_bytes()
     except ImportError:  # same tensors, without Flower's small per-array header
         return sum(v.numel() * v.element_size() for v in model.state_dict().values())
-
-
-def load_batch(groups: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """One padded batch; each item is the concatenated audio and text of a group of manifest rows."""
-    import soundfile as sf
-
-    waves = [torch.cat([torch.from_numpy(sf.read(r["audio_filepath"], dtype="float32")[0]) for r in g]) for g in groups]
-    lengths = torch.tensor([len(w) for w in waves])
-    audio = torch.zeros(len(waves), int(lengths.max()))
-    for i, w in enumerate(waves):
-        audio[i, : len(w)] = w
-    return audio, lengths, [" ".join(r["text"] for r in g) for g in groups]
-
-
-def joined_groups(rows: list[dict], batch: int, seconds: float) -> list[list[dict]]:
-    """``batch`` groups of consecutive utterances of one speaker, each at least ``seconds`` long."""
-    by_speaker, groups = defaultdict(list), []
-    for r in rows:
-        by_speaker[r["speaker"]].append(r)
-    for spk_rows in by_speaker.values():
-        group: list[dict] = []
-        for r in spk_rows:
-            group.append(r)
-            if sum(g["duration"] for g in group) >= seconds:
-                groups.append(group)
-                group = []
-    if len(groups) < batch:
-        raise ValueError(f"the sentences corpus has only {len(groups)} joined utterances of {seconds} s; need {batch}")
-    return groups[:batch]
 
 
 def time_pairs(steps: dict, rounds: int) -> dict[str, list[float]]:

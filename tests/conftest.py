@@ -79,3 +79,13 @@ def features(model):
         with torch.no_grad():
             _FEATURES[key] = model.preprocessor(input_signal=audio, length=lengths)
     return _FEATURES[key]
+
+
+def encoded(model):
+    """The encoder's (output, lengths) on ``features(model)``, in eval mode without gradients."""
+    import torch
+
+    feats, flen = features(model)
+    model.eval()
+    with torch.no_grad():
+        return model.encoder(audio_signal=feats, length=flen)

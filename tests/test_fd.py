@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import nemo_layerfx  # noqa: F401
-from conftest import features
+from conftest import encoded
 from nemo_layerfx.fd import (
     DropoutPlan, ServerOptimizer, aggregate, choose_units, clone_model, expand, extract, mask_units_,
     plan_param_count, slice_state, tensor_index, unit_seed,
@@ -29,11 +29,7 @@ def ctc(tiny_cfg):
     return build(tiny_cfg)
 
 
-@torch.no_grad()
-def encode(model):
-    feats, flen = features(model)  # a padded batch: padding must not matter either
-    model.eval()
-    return model.encoder(audio_signal=feats, length=flen)
+encode = encoded  # on a padded batch: padding must not matter either
 
 
 @pytest.mark.unit

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import pytest
 import torch
-from conftest import features
+from conftest import encoded
 from omegaconf import OmegaConf, open_dict
 from torch import nn
 
@@ -196,10 +196,7 @@ def trained(tiny_cfg):
 
 
 def encode(model):
-    feats, flen = features(model)  # a padded batch
-    model.eval()
-    with torch.no_grad():
-        return model.encoder(audio_signal=feats, length=flen)[0]
+    return encoded(model)[0]  # on a padded batch
 
 
 @pytest.mark.integration

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import features
+from conftest import encoded, features
 from omegaconf import OmegaConf, open_dict
 
 import nemo_layerfx  # noqa: F401
@@ -82,10 +82,7 @@ def gated(tiny_cfg, name="conformer_gn_tiny", locations=("ffn", "qk", "v", "conv
 
 
 def encode(model):
-    feats, flen = features(model)  # a padded batch
-    model.eval()
-    with torch.no_grad():
-        return model.encoder(audio_signal=feats, length=flen)[0]
+    return encoded(model)[0]  # on a padded batch
 
 
 @pytest.mark.integration
@@ -270,3 +267,30 @@ def test_pruning_kinds_of_the_unit_map_cover_every_layer_tensor():
     for name, _ in layer.named_parameters():
         assert (name in mapped) != name.startswith(FIXED), f"{name} must be in exactly one of the pruning kinds / FIXED"
     assert per_head(layer, "qk", torch.tensor([0, 1, 9, 31])) == [2, 1, 0, 1]  # flat dims -> heads of width 8
+
+
+@pytest.mark.integration
+def test_a_query_key_unit_drops_its_key_and_position_dimensions_together_in_training(tiny_cfg):
+    from nemo_layerfx.pruning.gates import GatedOutput
+
+    model = gated(tiny_cfg)
+    attn = model.encoder.layers[0].self_attn
+    assert isinstance(attn.linear_k, GatedOutput) and isinstance(attn.linear_pos, GatedOutput)
+    dropped = {}
+
+    def record(name):
+        def hook(module, args, out):  # channels the gate zeroed: where the ungated projection is not zero
+            base = module.base_layer(args[0])
+            dropped[name] = ((out == 0) & (base != 0)).flatten(0, -2).all(0)
+        return hook
+
+    attn.linear_k.register_forward_hook(record("k"))
+    attn.linear_pos.register_forward_hook(record("pos"))
+    feats, flen = features(model)
+    model.encoder.train()
+    for seed in range(3):  # every draw: one mask per unit for both projections
+        torch.manual_seed(seed)
+        model.encoder(audio_signal=feats, length=flen)
+        assert 0 < int(dropped["k"].sum()) < dropped["k"].numel()
+        assert torch.equal(dropped["k"], dropped["pos"])
+    assert "_kept" not in attn.linear_k.gate.__dict__  # the drawn mask does not outlive its forward

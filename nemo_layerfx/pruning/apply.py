@@ -47,9 +47,11 @@ def add_gates_(encoder: nn.Module, config: AdaptiveDropoutConfig) -> None:
             if kind in ("ffn1", "ffn2"):
                 _wrap(layer, f"feed_forward{kind[-1]}.linear2", lambda m, g=gate: GatedInput(m, g))
             elif kind == "qk":
-                _wrap(layer, "self_attn.linear_k", lambda m, g=gate: GatedOutput(m, g))
-                if hasattr(layer.self_attn, "linear_pos"):
-                    _wrap(layer, "self_attn.linear_pos", lambda m, g=gate: GatedOutput(m, g))
+                # NeMo's attention projects the keys before the positions: linear_k draws, linear_pos reuses
+                paired = hasattr(layer.self_attn, "linear_pos")
+                _wrap(layer, "self_attn.linear_k", lambda m, g=gate: GatedOutput(m, g, "draw" if paired else None))
+                if paired:
+                    _wrap(layer, "self_attn.linear_pos", lambda m, g=gate: GatedOutput(m, g, "reuse"))
             elif kind == "v":
                 _wrap(layer, "self_attn.linear_v", lambda m, g=gate: GatedOutput(m, g))
             else:

@@ -87,10 +87,21 @@ class RetentionGate(nn.Module):
         u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
         return _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
 
-    def channel_mask(self) -> torch.Tensor:
-        """(n * width,) the mask per channel (a unit's channels are consecutive)."""
+    def channel_mask(self, keep: bool = False) -> torch.Tensor:
+        """(n * width,) the mask per channel (a unit's channels are consecutive); ``keep``: remember it for the
+        second module the same units gate in this forward (``kept_channel_mask``)."""
         m = self.mask()
-        return m.repeat_interleave(self.width) if self.width > 1 else m
+        m = m.repeat_interleave(self.width) if self.width > 1 else m
+        if keep:
+            self.__dict__["_kept"] = m
+        return m
+
+    def kept_channel_mask(self) -> torch.Tensor:
+        """The mask the last ``channel_mask(keep=True)`` drew, handed out once (a tensor of this step's graph must
+        not outlive it); a fresh mask if there is none. So the key and position dimensions of a query/key unit are
+        dropped together, one draw per unit and forward, as Kubo's single query mask drops them."""
+        m = self.__dict__.pop("_kept", None)
+        return self.channel_mask() if m is None else m
 
     def expected_retention(self) -> torch.Tensor:
         return torch.sigmoid(self.beta())
@@ -123,11 +134,12 @@ class GatedInput(nn.Module):
 
 
 class GatedOutput(nn.Module):
-    """``base_layer(x) * mask`` along the output features."""
+    """``base_layer(x) * mask`` along the output features. ``pair``: ``"draw"`` for the first of two modules one
+    gate masks in a forward (it keeps its mask), ``"reuse"`` for the second (it applies that same mask)."""
 
-    def __init__(self, base_layer: nn.Module, gate: RetentionGate):
+    def __init__(self, base_layer: nn.Module, gate: RetentionGate, pair: str | None = None):
         super().__init__()
-        self.base_layer = base_layer
+        self.base_layer, self.pair = base_layer, pair
         object.__setattr__(self, "gate", gate)
 
     @property
@@ -140,4 +152,5 @@ class GatedOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        return y * self.gate.channel_mask().to(y.dtype)
+        m = self.gate.kept_channel_mask() if self.pair == "reuse" else self.gate.channel_mask(self.pair == "draw")
+        return y * m.to(y.dtype)
