@@ -20,6 +20,7 @@ from torch import nn
 STOCK_ENCODER_TARGET = "nemo.collections.asr.modules.ConformerEncoder"
 _GROUP_NORM = re.compile(r"^group_norm(\d+)$")
 
+
 def parse_num_groups(conv_norm_type: str) -> int:
     """Read G from NeMo's ``group_norm<G>`` spelling; anything else is a config error."""
     m = _GROUP_NORM.match(str(conv_norm_type))
