@@ -29,6 +29,7 @@ import torch
 from nemo.utils import logging
 
 import nemo_layerfx
+from study import finished_runs, mean_sd
 from nemo_layerfx.evaluate import evaluate_wer
 from nemo_layerfx.importance import ProbeConfig, probe, spearman
 from nemo_layerfx.models import count_params
@@ -103,17 +104,10 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     return result
 
 
-def mean_sd(values: list[float], fmt: str = ".3f") -> str:
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
-
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
     runs = out / "runs" / f"adaptive_dropout_L{args.layers}"
-    results = [json.loads(p.read_text()) for p in sorted(runs.glob("*_seed*/result.json"))]
-    by = {a: {r["seed"]: r for r in results if r["arm"] == a} for a in ARMS}
-    seeds = sorted({r["seed"] for r in results})
+    by, seeds = finished_runs(runs, ARMS)
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {args.epochs} epochs, seeds {seeds}; ADL: "

@@ -24,6 +24,7 @@ import torch
 from nemo.utils import logging
 
 import nemo_layerfx
+from study import finished_runs, mean_sd
 from nemo_layerfx.depth import depth_sweep
 from nemo_layerfx.models import count_params
 from nemo_layerfx.train import compose_config, train
@@ -82,17 +83,10 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path, manifest: 
     return result
 
 
-def mean_sd(values: list[float], fmt: str = ".3f") -> str:
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
-
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
     runs = out / "runs" / f"layer_reduction_L{args.layers}"
-    results = [json.loads(p.read_text()) for p in sorted(runs.glob("*_seed*/result.json"))]
-    by_arm = {a: {r["seed"]: r for r in results if r["arm"] == a} for a in ARMS}
-    seeds = sorted({r["seed"] for r in results})
+    by_arm, seeds = finished_runs(runs, ARMS)
     n = args.layers
     lines = [f"# Layer reduction ({n} layers, supervised CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
@@ -112,7 +106,7 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
     lines += ["", "Paired within seed:", "", "| comparison | mean ± sd | per seed |", "|---|---|---|"]
 
     def paired(name, f):
-        common = sorted(set.intersection(*[set(by_arm[a]) for a in ARMS if by_arm[a]])) if results else []
+        common = sorted(set.intersection(*[set(by_arm[a]) for a in ARMS if by_arm[a]])) if seeds else []
         if not common:
             return
         d = [f(s) for s in common]

@@ -35,6 +35,7 @@ import torch
 from nemo.utils import logging
 
 import nemo_layerfx
+from study import finished_runs, mean_sd
 from nemo_layerfx.callbacks import LossHistory
 from nemo_layerfx.evaluate import evaluate_wer
 from nemo_layerfx.importance import ProbeConfig, probe
@@ -138,15 +139,10 @@ def loss_stats(losses: list[float]) -> dict[str, float]:
             "roughness": statistics.median(abs(b - a) for a, b in zip(logs, logs[1:]))}
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
     runs = out / "runs" / f"lowrank_L{args.layers}"
-    results = [json.loads(p.read_text()) for p in sorted(runs.glob("*_seed*/result.json"))]
-    by_arm = {a: {r["seed"]: r for r in results if r["arm"] == a} for a in ARMS}
-    seeds = sorted({r["seed"] for r in results})
+    by_arm, seeds = finished_runs(runs, ARMS)
     lines = [f"# Low-rank training from scratch ({args.layers} layers, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; "
              f"tiny GroupNorm Conformer-CTC preset (d_model 144, 4 heads, FFN 576) at {args.layers} layers, "

@@ -110,13 +110,8 @@ class RetentionGate(nn.Module):
         return f"units={self.n}, width={self.width}"
 
 
-class GatedInput(nn.Module):
-    """``base_layer(x * mask)``, the mask along ``dim`` of x (-1 for a Linear's input, 1 for a Conv1d's)."""
-
-    def __init__(self, base_layer: nn.Module, gate: RetentionGate, dim: int = -1):
-        super().__init__()
-        self.base_layer, self.dim = base_layer, dim
-        object.__setattr__(self, "gate", gate)  # registered on the layer's adaptive_dropout dict
+class _Gated(nn.Module):
+    """What both wrappers share: the wrapped layer's sizes, read from its weight."""
 
     @property
     def in_features(self) -> int:
@@ -125,6 +120,15 @@ class GatedInput(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base_layer.weight.shape[0]
+
+
+class GatedInput(_Gated):
+    """``base_layer(x * mask)``, the mask along ``dim`` of x (-1 for a Linear's input, 1 for a Conv1d's)."""
+
+    def __init__(self, base_layer: nn.Module, gate: RetentionGate, dim: int = -1):
+        super().__init__()
+        self.base_layer, self.dim = base_layer, dim
+        object.__setattr__(self, "gate", gate)  # registered on the layer's adaptive_dropout dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.gate.channel_mask().to(x.dtype)
@@ -133,7 +137,7 @@ class GatedInput(nn.Module):
         return self.base_layer(x * m)
 
 
-class GatedOutput(nn.Module):
+class GatedOutput(_Gated):
     """``base_layer(x) * mask`` along the output features. ``pair``: ``"draw"`` for the first of two modules one
     gate masks in a forward (it keeps its mask), ``"reuse"`` for the second (it applies that same mask)."""
 
@@ -141,14 +145,6 @@ class GatedOutput(nn.Module):
         super().__init__()
         self.base_layer, self.pair = base_layer, pair
         object.__setattr__(self, "gate", gate)
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.weight.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
