@@ -39,6 +39,7 @@ from nemo_layerfx.depth import DepthSampling, depth_sweep, set_inference_depth, 
 from nemo_layerfx.pruning import AdaptiveDropout, prune, survival_report  # noqa: E402
 from nemo_layerfx.models import clone_model, conformer_encoder, restore  # noqa: E402
 from nemo_layerfx.units import UNIT_MAP  # noqa: E402
+from nemo_layerfx.fused_gn import fused_group_norm  # noqa: E402
 from nemo_layerfx.encoder import (  # noqa: E402
     GroupNormConformerEncoder,
     MaskedConformerConvolution,
@@ -57,6 +58,7 @@ __all__ = [
     "aggregate",
     "choose_units",
     "expand",
+    "fused_group_norm",
     "extract",
     "mask_units_",
     "plan_param_count",

@@ -1,7 +1,8 @@
 """The Conformer conv module with a GroupNorm that ignores padded frames (the core of the padding-exact encoder).
 
 NeMo's ``group_normG`` normalizes over the whole padded time axis; ``MaskedGroupNorm`` takes each group's statistics
-from the valid frames only, with an analytic backward (``_MaskedGroupNormFn``) so training stays as fast as NeMo's.
+from the valid frames only, with an analytic backward (``_MaskedGroupNormFn``, the reference and the CPU path) so
+training stays as fast as NeMo's; on CUDA the same maths runs as two Triton kernels (``fused_gn.py``).
 
 Shape notation: B batch, T frames, D d_model, C conv channels, G groups.
 """
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D
 from nemo.collections.asr.parts.utils.activations import Swish
 from torch import nn
+
+from nemo_layerfx import fused_gn
 
 STOCK_ENCODER_TARGET = "nemo.collections.asr.modules.ConformerEncoder"
 _GROUP_NORM = re.compile(r"^group_norm(\d+)$")
@@ -84,6 +87,10 @@ class MaskedGroupNorm(nn.GroupNorm):
         """x: (B, C, T); pad_mask: (B, T), True on padded frames. Returns (B, C, T)."""
         if pad_mask is None:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        if fused_gn.use_fused(x):  # CUDA: two Triton kernels instead of ~20 (fused_gn.py)
+            return fused_gn.masked_group_norm(x, pad_mask, self.weight if self.affine else torch.ones_like(x[0, :, 0]),
+                                              self.bias if self.affine else torch.zeros_like(x[0, :, 0]),
+                                              self.num_groups, self.eps)
         # statistics in float32 also under fp16/bf16 autocast, as F.group_norm does
         valid = (~pad_mask).float().unsqueeze(1)  # (B, 1, T)
         weight = self.weight.float() if self.affine else x.new_ones(x.shape[1], dtype=torch.float32)
