@@ -174,16 +174,21 @@ def separation_claims(studies: dict[str, dict[int, list[dict]]]) -> tuple[list[d
         rhos = []
         for r in gn[s]:
             delta = r["delta_wer"]["rerand"]
-            rho = spearman(list(range(len(delta))), delta) if len(delta) > 1 else float("nan")
-            rhos.append(rho)
-            lines.append(f"| {s} | {r['step']} | {r['baseline_wer']:.3f} | {rho:+.2f} | "
+            # no ranking when every block costs the same (e.g. a model that still emits nothing: WER 1.0)
+            defined = len(delta) > 1 and len(set(delta)) > 1
+            rho = spearman(list(range(len(delta))), delta) if defined else None
+            if rho is not None:
+                rhos.append(rho)
+            lines.append(f"| {s} | {r['step']} | {r['baseline_wer']:.3f} | "
+                         f"{'undefined (all blocks equal)' if rho is None else format(rho, '+.2f')} | "
                          + " ".join(f"{x:+.3f}" for x in delta) + " |")
         if len(rhos) > 1:
             rise.append(rhos[-1] - rhos[0])
     rows = [{"claim": "ambient and critical layers separate during training",
              "paper": "early in training ambient layers are spread through the model; the separation sharpens later",
              "measured": f"ρ(depth, re-rand ΔWER), last probe − first probe: {fmt(rise, '+.2f') if rise else 'n/a'}",
-             "verdict": verdict(rise, +1, "spread covers the change") if rise else "inconclusive (one probe point)"}]
+             "verdict": verdict(rise, +1, "spread covers the change") if rise else
+             "inconclusive (fewer than two probe points with a ranking)"}]
     return rows, lines
 
 
