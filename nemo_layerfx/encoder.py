@@ -268,8 +268,11 @@ class GroupNormConformerEncoder(ConformerEncoder):
                 "utterance-level GroupNorm statistics cannot be computed chunk by chunk."
             )
         depth = self.active_depth()
-        if depth == len(self.layers):
-            return super().forward_internal(audio_signal, length, cache_last_channel, *args, **kwargs)
+        # adaptive-dropout gates (pruning/): every gate's training mask drawn in one go, forgotten afterwards
+        schedule = self._modules.get("adaptive_dropout_schedule")
+        gates = [g for layer in layer_sets(self) for g in layer.adaptive_dropout.values()] if schedule is not None else []
+        if gates and self.training:
+            schedule.draw(gates)
         # NeMo's forward zips layer_drop_probs with the layers, so a shorter list runs (only) the first `depth`.
         full = self.layer_drop_probs
         self.layer_drop_probs = full[:depth]
@@ -277,6 +280,8 @@ class GroupNormConformerEncoder(ConformerEncoder):
             return super().forward_internal(audio_signal, length, cache_last_channel, *args, **kwargs)
         finally:
             self.layer_drop_probs = full
+            if gates:
+                schedule.clear(gates)
 
     def get_initial_cache_state(self, *args, **kwargs):
         raise NotImplementedError(

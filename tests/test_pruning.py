@@ -294,3 +294,46 @@ def test_a_query_key_unit_drops_its_key_and_position_dimensions_together_in_trai
         assert 0 < int(dropped["k"].sum()) < dropped["k"].numel()
         assert torch.equal(dropped["k"], dropped["pos"])
     assert "_kept" not in attn.linear_k.gate.__dict__  # the drawn mask does not outlive its forward
+
+
+@pytest.mark.unit
+def test_all_gates_are_drawn_at_once_with_the_same_estimator():
+    """GateSchedule.draw: one noise draw for every gate, each unit's mask repeated over its channels, the
+    gradient of σ(β + ε) for each gate's β′ (as RetentionGate.mask computes it gate by gate)."""
+    from nemo_layerfx.pruning.gates import GateSchedule, RetentionGate
+
+    schedule = GateSchedule(AdaptiveDropoutConfig(steps=100))
+    schedule.step.fill_(40)
+    gates = [RetentionGate(5, 1, schedule), RetentionGate(3, 4, schedule), RetentionGate(4, 2, schedule)]
+    torch.manual_seed(0)
+    for g in gates:
+        torch.nn.init.normal_(g.beta_prime, 0.0, 0.5)
+    torch.manual_seed(7)
+    schedule.draw(gates)
+    got = [g.channel_mask() for g in gates]
+    assert all("_drawn" not in g.__dict__ for g in gates)  # each mask handed out once
+    torch.manual_seed(7)
+    u = torch.rand(12).clamp_(1e-6, 1 - 1e-6)
+    weights = [torch.randn(len(m)) for m in got]
+    sum((m * w).sum() for m, w in zip(got, weights)).backward()
+    start = 0
+    for g, m, w in zip(gates, got, weights):
+        b2 = g.beta_prime.detach().clone().requires_grad_(True)
+        z = 10 * b2 + schedule.target() + torch.log(u[start:start + g.n]) - torch.log1p(-u[start:start + g.n])
+        assert torch.equal(m, (z > 0).float().repeat_interleave(g.width))
+        (torch.sigmoid(z).repeat_interleave(g.width) * w).sum().backward()
+        torch.testing.assert_close(g.beta_prime.grad, b2.grad)
+        start += g.n
+
+
+@pytest.mark.integration
+def test_a_training_step_draws_every_gate_and_leaves_no_mask_behind(tiny_cfg):
+    model = gated(tiny_cfg)
+    feats, flen = features(model)
+    model.encoder.train()
+    out, _ = model.encoder(audio_signal=feats, length=flen)
+    out.square().mean().backward()
+    for layer in gates_of(model):
+        for kind, g in layer.items():
+            assert g.beta_prime.grad is not None and g.beta_prime.grad.abs().sum() > 0, kind
+            assert "_drawn" not in g.__dict__ and "_kept" not in g.__dict__, kind

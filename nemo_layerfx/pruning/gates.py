@@ -54,6 +54,34 @@ class GateSchedule(nn.Module):
     def target(self) -> float:
         return self.config.target(max(0, int(self.step)))
 
+    def draw(self, gates: list["RetentionGate"]) -> None:
+        """One training forward's masks for every gate at once: the same estimator as ``RetentionGate.mask``, in a
+        dozen operations for the whole encoder instead of a dozen per gate (the gated step's overhead on a CPU is
+        per-operation, not per-unit). Each gate takes its channel mask once (``channel_mask``); ``clear`` drops
+        what no module used."""
+        self.check_step()
+        if not gates:
+            return
+        key = tuple((g.n, g.width) for g in gates)
+        if self.__dict__.get("_layout", (None,))[0] != key:  # per-unit repeat counts, built once per layout
+            repeats = torch.tensor([g.width for g in gates for _ in range(g.n)])
+            self.__dict__["_layout"] = (key, repeats, [g.n * g.width for g in gates])
+        _, repeats, sizes = self.__dict__["_layout"]
+        beta_prime = torch.cat([g.beta_prime for g in gates])
+        beta = self.config.scale * beta_prime + self.target()
+        u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
+        mask = _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
+        channels = mask.repeat_interleave(repeats.to(mask.device), output_size=sum(sizes))
+        for g, m in zip(gates, channels.split(sizes)):
+            g.__dict__["_drawn"] = m
+
+    @staticmethod
+    def clear(gates: list["RetentionGate"]) -> None:
+        """Forget the masks of this forward (no tensor of a step's graph outlives it)."""
+        for g in gates:
+            g.__dict__.pop("_drawn", None)
+            g.__dict__.pop("_kept", None)
+
     def check_step(self) -> None:
         if int(self.step) < 0:
             raise RuntimeError(
@@ -90,8 +118,10 @@ class RetentionGate(nn.Module):
     def channel_mask(self, keep: bool = False) -> torch.Tensor:
         """(n * width,) the mask per channel (a unit's channels are consecutive); ``keep``: remember it for the
         second module the same units gate in this forward (``kept_channel_mask``)."""
-        m = self.mask()
-        m = m.repeat_interleave(self.width) if self.width > 1 else m
+        m = self.__dict__.pop("_drawn", None) if self.training else None  # drawn with all gates (GateSchedule.draw)
+        if m is None:
+            m = self.mask()
+            m = m.repeat_interleave(self.width) if self.width > 1 else m
         if keep:
             self.__dict__["_kept"] = m
         return m
