@@ -337,3 +337,33 @@ def test_a_training_step_draws_every_gate_and_leaves_no_mask_behind(tiny_cfg):
         for kind, g in layer.items():
             assert g.beta_prime.grad is not None and g.beta_prime.grad.abs().sum() > 0, kind
             assert "_drawn" not in g.__dict__ and "_kept" not in g.__dict__, kind
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("frames", [3, 400], ids=["short: masks activations", "long: masks the weight"])
+def test_wrappers_mask_weight_or_activation_with_the_same_result(frames):
+    """Each wrapper masks the smaller of activation and weight; outputs and the mask's gradient are the same."""
+    from nemo_layerfx.pruning.gates import GatedInput, GatedOutput, GateSchedule, RetentionGate
+
+    torch.manual_seed(0)
+    schedule = GateSchedule(AdaptiveDropoutConfig(steps=10))
+    cases = [(GatedInput, torch.nn.Linear(12, 6), 12, -1, torch.randn(2, frames, 12)),
+             (GatedOutput, torch.nn.Linear(6, 12), 12, None, torch.randn(2, frames, 6)),
+             (GatedInput, torch.nn.Conv1d(12, 6, 1), 12, 1, torch.randn(2, 12, frames))]
+    for cls, base, n, dim, x in cases:
+        gate = RetentionGate(n, 1, schedule)
+        wrapper = cls(base, gate, dim) if cls is GatedInput else cls(base, gate)
+        assert (x.numel() > base.weight.numel()) == (frames == 400)
+        mask = (torch.rand(n) > 0.4).float().requires_grad_(True)
+        gate.__dict__["_drawn"] = mask  # what GateSchedule.draw hands the gate in a training forward
+        y = wrapper(x)
+        g = torch.randn_like(y)
+        (dmask,) = torch.autograd.grad(y, mask, g)
+        m2 = mask.detach().clone().requires_grad_(True)
+        if cls is GatedOutput:
+            ref = base(x) * m2
+        else:
+            ref = base(x * (m2 if dim == -1 else m2.view(-1, 1)))
+        (dref,) = torch.autograd.grad(ref, m2, g)
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(dmask, dref, rtol=1e-5, atol=1e-5)

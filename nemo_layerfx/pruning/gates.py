@@ -22,6 +22,7 @@ Where the masks act, per Conformer layer (the unit map's kinds):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nemo_layerfx.pruning.config import AdaptiveDropoutConfig
@@ -141,7 +142,11 @@ class RetentionGate(nn.Module):
 
 
 class _Gated(nn.Module):
-    """What both wrappers share: the wrapped layer's sizes, read from its weight."""
+    """What both wrappers share: the wrapped layer's sizes, read from its weight.
+
+    A wrapper masks whichever is smaller, the activations or the weight: a masked input column (or output row) of
+    the weight gives the same products, each either kept or exactly zero, and on long utterances the weight is
+    the smaller tensor (16 layers, d_model 256, 9-s batches: about 7x fewer elements to mask)."""
 
     @property
     def in_features(self) -> int:
@@ -162,9 +167,15 @@ class GatedInput(_Gated):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.gate.channel_mask().to(x.dtype)
+        base = self.base_layer
+        if x.numel() > base.weight.numel():  # long inputs: mask the weight's input columns instead (same products)
+            if type(base) is nn.Linear and self.dim == -1:
+                return F.linear(x, base.weight * m, base.bias)
+            if type(base) is nn.Conv1d and self.dim == 1:
+                return base._conv_forward(x, base.weight * m.view(1, -1, 1), base.bias)
         if self.dim != -1:
             m = m.view(-1, *([1] * (x.dim() - self.dim - 1)))  # e.g. (C, 1) for (B, C, T)
-        return self.base_layer(x * m)
+        return base(x * m)
 
 
 class GatedOutput(_Gated):
@@ -177,6 +188,10 @@ class GatedOutput(_Gated):
         object.__setattr__(self, "gate", gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         m = self.gate.kept_channel_mask() if self.pair == "reuse" else self.gate.channel_mask(self.pair == "draw")
+        base = self.base_layer
+        if type(base) is nn.Linear and x.numel() > base.weight.numel():  # long inputs: mask the weight's rows
+            m = m.to(base.weight.dtype)
+            return F.linear(x, base.weight * m.unsqueeze(1), None if base.bias is None else base.bias * m)
+        y = base(x)
         return y * m.to(y.dtype)
