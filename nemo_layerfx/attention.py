@@ -49,22 +49,28 @@ class RaggedMultiHeadAttention(nn.Module):
             self.linear_pos = nn.Linear(d_model, nq, bias=False)
             self.pos_bias_u = nn.Parameter(torch.zeros(nq))
             self.pos_bias_v = nn.Parameter(torch.zeros(nq))
-        # where each flat dimension sits in a (heads, widest head) zero-padded layout: batched matmuls over heads,
-        # the padding contributing exact zeros to every dot product
-        for name, dims in (("qk", self.qk_dims), ("v", self.v_dims)):
-            head = torch.cat([torch.full((d,), h, dtype=torch.long) for h, d in enumerate(dims)])
-            pos = torch.cat([torch.arange(d) for d in dims])
-            self.register_buffer(f"_{name}_head", head, persistent=False)
-            self.register_buffer(f"_{name}_pos", pos, persistent=False)
         self.max_qk, self.max_v = max(self.qk_dims), max(self.v_dims)
 
     def _pad(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """(..., T, Σ dims) -> (..., H, T, widest): every head's dimensions, zero-padded."""
-        head, pos = getattr(self, f"_{kind}_head"), getattr(self, f"_{kind}_pos")
-        width = self.max_qk if kind == "qk" else self.max_v
+        """(..., T, Σ dims) -> (..., H, T, widest): every head's dimensions, zero-padded, so that one batched matmul
+        serves all heads (the padding adds exact zeros to every dot product). Heads are contiguous slices, so this is
+        H strided copies (a view when every head has the same width), not an indexed scatter, which costs far more
+        on CPU."""
+        dims, width = (self.qk_dims, self.max_qk) if kind == "qk" else (self.v_dims, self.max_v)
+        if all(d == width for d in dims):
+            return x.unflatten(-1, (self.h, width)).transpose(-3, -2)
         out = x.new_zeros(*x.shape[:-1], self.h, width)
-        out[..., head, pos] = x
+        start = 0
+        for h, d in enumerate(dims):
+            out[..., h, :d] = x[..., start:start + d]
+            start += d
         return out.transpose(-3, -2)
+
+    def _unpad(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, T, H, widest v) -> (B, T, Σ v): the inverse of ``_pad`` for the attention output."""
+        if all(d == self.max_v for d in self.v_dims):
+            return out.flatten(-2)
+        return torch.cat([out[..., h, :d] for h, d in enumerate(self.v_dims)], dim=-1)
 
     @staticmethod
     def rel_shift(x: torch.Tensor) -> torch.Tensor:
@@ -100,4 +106,4 @@ class RaggedMultiHeadAttention(nn.Module):
                 attn = torch.softmax(scores, dim=-1)
             attn = self.dropout(attn)  # (B, H, T1, T2)
             out = (attn @ v).transpose(1, 2)  # (B, T1, H, widest v)
-            return self.linear_out(out[:, :, self._v_head, self._v_pos])  # (B, T1, Σ v) -> (B, T1, D)
+            return self.linear_out(self._unpad(out))  # (B, T1, Σ v) -> (B, T1, D)

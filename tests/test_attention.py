@@ -1,0 +1,99 @@
+"""Per-head-width attention computes what NeMo's attention computes when the removed dimensions are zero.
+
+The pruned model's exactness rests on this module; these cases pin it directly: heads of different widths, a head
+whose query/key (or value) width is 0, equal widths (the view fast path), padded batches, and gradients.
+"""
+
+import pytest
+import torch
+from nemo.collections.asr.parts.submodules.multi_head_attention import (
+    RelPositionMultiHeadAttention,
+    RelPositionalEncoding,
+)
+
+from nemo_layerfx.attention import RaggedMultiHeadAttention
+
+D, H = 32, 4
+DK = D // H
+
+
+def _pair(qk_dims, v_dims, seed=0):
+    """NeMo's attention with random weights whose removed dimensions are zeroed, and the ragged module holding
+    only the kept dimensions (the first ``qk_dims[h]`` / ``v_dims[h]`` of head h)."""
+    torch.manual_seed(seed)
+    ref = RelPositionMultiHeadAttention(H, D, 0.0, None, None).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    keep_qk = torch.cat([torch.arange(d) + h * DK for h, d in enumerate(qk_dims)])
+    keep_v = torch.cat([torch.arange(d) + h * DK for h, d in enumerate(v_dims)])
+    drop_qk = torch.ones(D, dtype=torch.bool)
+    drop_qk[keep_qk] = False
+    drop_v = torch.ones(D, dtype=torch.bool)
+    drop_v[keep_v] = False
+    with torch.no_grad():
+        for lin in (ref.linear_q, ref.linear_k, ref.linear_pos):
+            lin.weight[drop_qk] = 0
+            if lin.bias is not None:
+                lin.bias[drop_qk] = 0
+        ref.pos_bias_u.view(-1)[drop_qk] = 0
+        ref.pos_bias_v.view(-1)[drop_qk] = 0
+        ref.linear_v.weight[drop_v] = 0
+        ref.linear_v.bias[drop_v] = 0
+    rag = RaggedMultiHeadAttention(D, qk_dims, v_dims, DK, 0.0).eval()
+    with torch.no_grad():
+        for name in ("linear_q", "linear_k"):
+            getattr(rag, name).weight.copy_(getattr(ref, name).weight[keep_qk])
+            getattr(rag, name).bias.copy_(getattr(ref, name).bias[keep_qk])
+        rag.linear_pos.weight.copy_(ref.linear_pos.weight[keep_qk])
+        rag.pos_bias_u.copy_(ref.pos_bias_u.reshape(-1)[keep_qk])
+        rag.pos_bias_v.copy_(ref.pos_bias_v.reshape(-1)[keep_qk])
+        rag.linear_v.weight.copy_(ref.linear_v.weight[keep_v])
+        rag.linear_v.bias.copy_(ref.linear_v.bias[keep_v])
+        rag.linear_out.weight.copy_(ref.linear_out.weight[:, keep_v])
+        rag.linear_out.bias.copy_(ref.linear_out.bias)
+    return ref, rag
+
+
+def _inputs(lengths=(11, 7, 4)):
+    torch.manual_seed(1)
+    t = max(lengths)
+    x = torch.randn(len(lengths), t, D)
+    valid = torch.arange(t)[None] < torch.tensor(lengths)[:, None]
+    mask = ~(valid[:, :, None] & valid[:, None, :])  # True where attention is not allowed
+    pos = RelPositionalEncoding(D, 0.0)
+    pos.extend_pe(t, x.device, x.dtype)
+    _, pos_emb = pos(x)
+    return x, mask, pos_emb, valid
+
+
+@pytest.mark.parametrize("qk_dims,v_dims", [
+    ([8, 8, 8, 8], [8, 8, 8, 8]),  # nothing removed: the view path
+    ([3, 3, 3, 3], [5, 5, 5, 5]),  # equal widths after pruning: the view path
+    ([8, 2, 5, 1], [1, 8, 3, 6]),  # every head its own width
+    ([0, 4, 8, 2], [3, 0, 2, 8]),  # a head with no query/key (uniform attention) and one with no values
+])
+def test_ragged_attention_equals_nemo_attention_with_zeroed_dimensions(qk_dims, v_dims):
+    ref, rag = _pair(qk_dims, v_dims)
+    x, mask, pos_emb, valid = _inputs()
+    want = ref(x, x, x, mask, pos_emb)
+    got = rag(x, x, x, mask, pos_emb)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-5)
+
+
+def test_ragged_attention_gradients_reach_the_kept_dimensions_only_once():
+    """Backward through the per-head copies: gradients equal NeMo's on the kept rows."""
+    qk_dims, v_dims = [8, 2, 5, 1], [1, 8, 3, 6]
+    ref, rag = _pair(qk_dims, v_dims)
+    x, mask, pos_emb, valid = _inputs()
+    ref(x, x, x, mask, pos_emb)[valid].square().sum().backward()
+    rag(x, x, x, mask, pos_emb)[valid].square().sum().backward()
+    keep_qk = torch.cat([torch.arange(d) + h * DK for h, d in enumerate(qk_dims)])
+    keep_v = torch.cat([torch.arange(d) + h * DK for h, d in enumerate(v_dims)])
+    torch.testing.assert_close(rag.linear_q.weight.grad, ref.linear_q.weight.grad[keep_qk], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rag.linear_pos.weight.grad, ref.linear_pos.weight.grad[keep_qk], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rag.pos_bias_u.grad, ref.pos_bias_u.grad.reshape(-1)[keep_qk], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rag.linear_v.weight.grad, ref.linear_v.weight.grad[keep_v], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rag.linear_out.weight.grad, ref.linear_out.weight.grad[:, keep_v], rtol=1e-4,
+                               atol=1e-5)
