@@ -19,6 +19,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from nemo.utils import logging
@@ -55,20 +56,29 @@ def eval_manifest(corpus: Path, out: Path) -> Path:
     return path
 
 
-def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path, manifest: Path) -> dict:
-    run = out / "runs" / f"layer_reduction_L{args.layers}" / f"{slug(arm)}_seed{seed}"
+def runs_dir(args: argparse.Namespace, out: Path) -> Path:
+    """Where the study's runs live; ``args.tag`` (if any) keeps a smaller model's runs apart."""
+    return out / "runs" / f"layer_reduction_L{args.layers}{getattr(args, 'tag', '')}"
+
+
+def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path, manifest: Path,
+            extra: Sequence[str] = ()) -> dict:
+    """Train one arm (``extra``: more config overrides, e.g. a smaller model), sweep its depths; kept on disk."""
+    run = runs_dir(args, out) / f"{slug(arm)}_seed{seed}"
     if (run / "result.json").is_file():
         return json.loads((run / "result.json").read_text())
     run.mkdir(parents=True, exist_ok=True)
     share, sampled = ARMS[arm]
     over = [f"corpus_dir={args.corpus}", f"model.encoder.n_layers={args.layers}", f"layerfx.seed={seed}",
-            f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu", "layerfx.report_wer=false",
+            f"trainer.max_epochs={args.epochs}", f"trainer.accelerator={getattr(args, 'device', 'cpu')}",
+            "layerfx.report_wer=false",
             f"exp_manager.exp_dir={run / 'exp'}", "exp_manager.create_checkpoint_callback=false"]
     if share is not None:
         over.append(f"+model.encoder.share_layers={share}")
     if sampled:
         over += [f"+model.encoder.depth_sampling={{low: 2, high: {args.layers}, seed: {seed}}}",
                  "+trainer.callbacks=[{_target_: nemo_layerfx.depth.DepthSampling}]"]
+    over += list(extra)
     t0 = time.perf_counter()
     model = train(compose_config("conformer_gn_tiny", over))
     seconds = time.perf_counter() - t0
@@ -83,10 +93,8 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path, manifest: 
     return result
 
 
-
 def summarize(args: argparse.Namespace, out: Path) -> str:
-    runs = out / "runs" / f"layer_reduction_L{args.layers}"
-    by_arm, seeds = finished_runs(runs, ARMS)
+    by_arm, seeds = finished_runs(runs_dir(args, out), ARMS)
     n = args.layers
     lines = [f"# Layer reduction ({n} layers, supervised CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
@@ -133,8 +141,9 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
                 vals = [statistics.mean(r[key][k] for r in rs.values()) for k in range(n - 1)]
                 lines.append(f"| {arm} | {key} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
     text = "\n".join(lines) + "\n"
-    (out / f"layer_reduction_L{n}.md").write_text(text)
-    (out / f"layer_reduction_L{n}.json").write_text(json.dumps(by_arm, indent=1) + "\n")
+    stem = runs_dir(args, out).name
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps(by_arm, indent=1) + "\n")
     return text
 
 
@@ -149,7 +158,7 @@ def main() -> None:
     args = p.parse_args()
     logging.setLevel(logging.ERROR)
     out = Path(args.out)
-    manifest = eval_manifest(Path(args.corpus), out / "runs" / f"layer_reduction_L{args.layers}")
+    manifest = eval_manifest(Path(args.corpus), runs_dir(args, out))
     if not args.summarize:
         for seed in args.seeds:
             for arm in ARMS:

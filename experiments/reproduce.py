@@ -2,7 +2,7 @@
 ``experiments/results/<paper>/REPORT.md``, a row per claim: what the paper says, what we measured, and whether that
 reproduces, refutes or is inconclusive about it.
 
-    python experiments/reproduce.py zhou [--budget small|full] [--device cpu|cuda] [--corpus data/commands]
+    python experiments/reproduce.py zhou|tian [--budget small|full] [--device cpu|cuda] [--corpus data/commands]
 
 Budgets: ``smoke`` (the tests: minutes, numbers mean nothing), ``small`` (about 30 minutes on a 2-core CPU: one
 seed, shorter training), ``full`` (what the README quotes: all seeds). Every run is kept on disk and reused, so a
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PAPERS = {"zhou": "repro.zhou"}  # tian, kubo, fernandez-lopez: their studies are experiments/*.py for now
+PAPERS = {"zhou": "repro.zhou", "tian": "repro.tian"}  # kubo, fernandez-lopez: experiments/*.py for now
 
 
 def main(argv: list[str] | None = None) -> Path:

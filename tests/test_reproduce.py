@@ -14,8 +14,8 @@ from conftest import REPO
 RESULTS = REPO / "experiments" / "results"
 
 
-def reproduce(corpus, out) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), "zhou", "--budget", "smoke",
+def reproduce(corpus, out, paper="zhou") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), paper, "--budget", "smoke",
                            "--corpus", str(corpus), "--out", str(out)], capture_output=True, text=True, timeout=900)
 
 
@@ -50,6 +50,33 @@ def test_zhou_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     assert [p.stat().st_mtime_ns for p in done] == stamps
     assert json.loads((tmp_path / "zhou" / "REPORT_smoke.json").read_text())["claims"] == claims
+
+
+@pytest.mark.integration
+def test_tian_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
+    first = reproduce(corpus, tmp_path, "tian")
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = tmp_path / "tian" / "REPORT_smoke.md"
+    assert f"report: {report}" in first.stdout
+    claims = json.loads((tmp_path / "tian" / "REPORT_smoke.json").read_text())["claims"]
+    names = [c["claim"] for c in claims]
+    seeded = ("parameter sharing (PSS) costs a little WER", "with PSS + U(2,8) WER stays flat",
+              "without PSS, sampled depth trains a worse model", "shared layers are consistent",
+              "sampled depth U(2,8) + PSS trains about 42% faster")
+    for expected in seeded:
+        assert any(n.startswith(expected) for n in names), (expected, names)
+    # one seed: no verdict that rests on seeds can be more than inconclusive
+    assert all(c["verdict"].startswith("inconclusive (1 seed)") for c in claims if c["claim"].startswith(seeded))
+    # the per-depth tables of the four models, written by the study script the report reuses
+    tables = (tmp_path / "layer_reduction_L8_smoke.md").read_text()
+    assert all(f"| {arm} |" in tables for arm in ("unshared fixed", "shared fixed", "shared U(2,8)", "unshared U(2,8)"))
+    done = sorted((tmp_path / "runs" / "layer_reduction_L8_smoke").glob("*/result.json"))
+    assert len(done) == 4
+    stamps = [p.stat().st_mtime_ns for p in done]
+    second = reproduce(corpus, tmp_path, "tian")  # every run is on disk: nothing retrains
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert [p.stat().st_mtime_ns for p in done] == stamps
+    assert json.loads((tmp_path / "tian" / "REPORT_smoke.json").read_text())["claims"] == claims
 
 
 @pytest.mark.unit

@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from study import fmt, verdict
+
 BUDGETS = {  # layers, epochs (None: steps), steps, seeds, probe every n epochs, re-rand draws, model overrides
     "smoke": {"layers": 2, "epochs": None, "steps": 8, "seeds": [0], "every": None, "draws": 1,
               "model": ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.subsampling_conv_channels=16",
@@ -71,27 +73,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     from nemo_layerfx.importance import spearman as rho
 
     return rho(a, b)
-
-
-def verdict(diffs: list[float], paper_sign: int, label: str) -> str:
-    """reproduced / refuted (the sign in every seed and a mean beyond twice its standard error) or inconclusive."""
-    n = len(diffs)
-    if n < 2:
-        return f"inconclusive ({n} seed)"
-    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / n ** 0.5
-    same = all(d * paper_sign > 0 for d in diffs)
-    opposite = all(d * paper_sign < 0 for d in diffs)
-    if same and abs(mean) > 2 * se:
-        return "reproduced"
-    if opposite and abs(mean) > 2 * se:
-        return "refuted"
-    return f"inconclusive ({label})"
-
-
-def fmt(values: list[float], spec: str = "+.3f") -> str:
-    if len(values) == 1:
-        return format(values[0], spec)
-    return f"{format(statistics.mean(values), spec)} ± {statistics.stdev(values):.3f} (n={len(values)})"
 
 
 def norm_claims(studies: dict[str, dict[int, list[dict]]], layers: int) -> list[dict]:
