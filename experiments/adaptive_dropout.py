@@ -7,6 +7,8 @@ Per seed, all on the offline corpus with the tiny preset at ``--layers`` layers 
 - ``adl``: the same model with adaptive-dropout gates on FFN units, per-head query/key and value dimensions and
   conv groups (K = ``--k-share`` of the run's steps), then pruned (no fine-tuning); the gated model's survival
   report is kept;
+- ``adl_settled``: the same with ``settle_after_k`` (not in the paper): after step K training uses the eval mask,
+  so the last steps fine-tune the subnetwork that is then pruned (same total steps);
 - Kubo's baselines at the pruned model's size: ``shallow`` (fewer layers), ``narrow`` (smaller d_model),
   ``narrowffn`` (narrower FFNs), ``nomacaron`` (no first FFN; its size is fixed).
 
@@ -36,7 +38,7 @@ from nemo_layerfx.models import count_params
 from nemo_layerfx.pruning import prune, survival_report
 from nemo_layerfx.train import compose_config, model_class, train
 
-ARMS = ("dense", "adl", "shallow", "narrow", "narrowffn", "nomacaron")
+ARMS = ("dense", "adl", "adl_settled", "shallow", "narrow", "narrowffn", "nomacaron")
 STEPS_PER_EPOCH = 48  # 764 training utterances of the command corpus in batches of 16
 
 
@@ -74,11 +76,13 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     corpus = Path(args.corpus)
     common = [f"layerfx.seed={seed}", f"exp_manager.exp_dir={run / 'exp'}"]
     preset, extra = "conformer_gn_tiny", []
-    if arm == "adl":
+    if arm in ("adl", "adl_settled"):
         k = max(1, round(args.k_share * args.epochs * STEPS_PER_EPOCH))
         preset = "conformer_gn_adaptive_dropout_tiny"
         extra = [f"model.encoder.adaptive_dropout.steps={k}",
                  f"trainer.callbacks=[{{_target_: nemo_layerfx.pruning.AdaptiveDropout, out_dir: '{run}'}}]"]
+        if arm == "adl_settled":
+            extra.append("+model.encoder.adaptive_dropout.settle_after_k=true")
     elif arm != "dense":
         target = json.loads((run.parent / f"adl_seed{seed}" / "result.json").read_text())["params"]
         preset, extra, _ = matched(args, target)[arm]
@@ -86,7 +90,7 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     model = train(compose_config(preset, overrides(args, arm, common + extra)))
     seconds = time.perf_counter() - t0
     result = {"arm": arm, "seed": seed, "preset": preset, "overrides": extra, "train_seconds": seconds}
-    if arm == "adl":
+    if arm in ("adl", "adl_settled"):
         report = survival_report(model)
         result["gated_dev_wer"] = evaluate_wer(model, corpus / "dev_manifest.json")
         model, pruned = prune(model)
@@ -102,7 +106,6 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     print(f"{arm} seed {seed}: {result['params']:,} params, dev WER {result['dev_wer']:.3f}, test WER "
           f"{result['test_wer']:.3f}, {seconds:.0f} s", flush=True)
     return result
-
 
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
@@ -122,8 +125,8 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
                          f"{mean_sd([r['dev_wer'] for r in rs])} | {mean_sd([r['test_wer'] for r in rs])} |")
     lines += ["", "Paired within seed (test WER, arm − reference; negative favours the arm):", "",
               "| comparison | mean ± sd | per seed |", "|---|---|---|"]
-    for arm, ref in (("adl", "dense"), ("adl", "shallow"), ("adl", "narrow"), ("adl", "narrowffn"),
-                     ("adl", "nomacaron")):
+    for arm, ref in (("adl", "dense"), ("adl_settled", "dense"), ("adl_settled", "adl"), ("adl", "shallow"),
+                     ("adl_settled", "shallow"), ("adl", "narrow"), ("adl", "narrowffn"), ("adl", "nomacaron")):
         common = sorted(set(by[arm]) & set(by[ref]))
         if common:
             d = [by[arm][s]["test_wer"] - by[ref][s]["test_wer"] for s in common]

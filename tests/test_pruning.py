@@ -367,3 +367,58 @@ def test_wrappers_mask_weight_or_activation_with_the_same_result(frames):
         (dref,) = torch.autograd.grad(ref, m2, g)
         torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(dmask, dref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_settled_gates_use_the_eval_mask_in_training():
+    """settle_after_k: from step K on, training masks are 1[β ≥ c∞] without a gradient; before K they are sampled."""
+    from nemo_layerfx.pruning.gates import GateSchedule, RetentionGate
+
+    schedule = GateSchedule(AdaptiveDropoutConfig(steps=10, settle_after_k=True))
+    gates = [RetentionGate(50, 1, schedule), RetentionGate(20, 3, schedule)]
+    torch.manual_seed(0)
+    for g in gates:
+        torch.nn.init.normal_(g.beta_prime, 0.0, 0.3)  # β = 10β′ − 2: about half the units at or above c∞
+    schedule.step.fill_(10)  # c(t) = c∞
+    eval_masks = [(g.beta() >= -2.0).float().repeat_interleave(g.width) for g in gates]
+    assert 0 < sum(m.sum() for m in eval_masks) < sum(len(m) for m in eval_masks)
+    for g in gates:
+        g.train()
+        assert torch.equal(g.mask().repeat_interleave(g.width), eval_masks[gates.index(g)])
+    schedule.draw(gates)
+    drawn = [g.channel_mask() for g in gates]
+    assert all(torch.equal(d, e) and not d.requires_grad for d, e in zip(drawn, eval_masks))
+    schedule.step.fill_(9)  # before K: sampled, with the sigmoid's gradient
+    schedule.draw(gates)
+    drawn = [g.channel_mask() for g in gates]
+    assert all(d.requires_grad for d in drawn) and any(not torch.equal(d, e) for d, e in zip(drawn, eval_masks))
+    with pytest.raises(ValueError, match="settle_after_k must be true or false"):
+        AdaptiveDropoutConfig(settle_after_k="yes")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_settled_gates_stop_moving_while_the_kept_subnetwork_trains(tiny_cfg, optimizer):
+    """After step K the gates' β′ stay exactly where they were (no gradient, no regularizer, no weight decay, also
+    with Adam's momentum), so the pruned structure is fixed, while the model's weights keep training."""
+    import lightning.pytorch as pl
+
+    class AtK(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                self.betas = [g.beta_prime.detach().clone() for layer in gates_of(pl_module) for g in layer.values()]
+                self.weight = pl_module.encoder.layers[0].feed_forward1.linear1.weight.detach().clone()
+
+    cfg = tiny_cfg("conformer_gn_adaptive_dropout_tiny", *WIDE, f"model.optim.name={optimizer}",
+                   "model.optim.weight_decay=0.5", "~model.optim.betas", "model.encoder.adaptive_dropout.steps=3",
+                   "+model.encoder.adaptive_dropout.settle_after_k=true", "trainer.max_steps=6",
+                   "trainer.max_epochs=10")
+    torch.manual_seed(0)
+    at_k = AtK()
+    model = train(cfg, extra_callbacks=[at_k])
+    assert model.trainer.global_step == 6
+    after = [g.beta_prime.detach() for layer in gates_of(model) for g in layer.values()]
+    assert any(b.abs().sum() > 0 for b in at_k.betas)  # the gates trained before K
+    assert all(torch.equal(a, b) for a, b in zip(after, at_k.betas))  # and not after
+    linear1 = model.encoder.layers[0].feed_forward1.linear1
+    assert not torch.equal(getattr(linear1, "base_layer", linear1).weight.detach(), at_k.weight)

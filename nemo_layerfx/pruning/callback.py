@@ -7,7 +7,8 @@ allow-list accepts it):
 - puts the gates' β′ in their own optimizer group: ``weight_decay`` mode gives that group a coupled L2 of 2γ
   (gradient 2γβ′ = ∇R), ``loss`` mode gives it no decay and adds ∇R = 2γβ′ to β′'s gradient before every optimizer
   step (once per step, also under gradient accumulation, before clipping): R(β; t) = α Σ (β − c(t))² either way,
-  whatever the optimizer does with its own weight decay;
+  whatever the optimizer does with its own weight decay; once the gates have settled (``settle_after_k``) β′ gets
+  neither gradient nor R, so the optimizer leaves it (and its decay) alone;
 - logs the expected retention, the surviving share and R every ``every_n_steps``, and at the end of fit writes
   ``survival.json`` / ``survival.png`` and logs them to the Lightning loggers.
 """
@@ -75,9 +76,10 @@ class AdaptiveDropout(pl.Callback, Serialization):
         conformer_encoder(pl_module).adaptive_dropout_schedule.step.fill_(int(trainer.global_step))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
-        if self.mode != "loss":
+        schedule = gated_encoder(pl_module).adaptive_dropout_schedule
+        if self.mode != "loss" or schedule.settled():
             return
-        gamma = gated_encoder(pl_module).adaptive_dropout_schedule.config.gamma
+        gamma = schedule.config.gamma
         with torch.no_grad():
             for layer in gates_of(pl_module):
                 for gate in layer.values():

@@ -34,6 +34,11 @@ class AdaptiveDropoutConfig:
         ``loss`` (R's gradient added to β′'s, β′ excluded from the optimizer's decay: any optimizer, e.g. AdamW),
         or ``auto`` (weight_decay for a coupled optimizer, loss otherwise).
     min_units: ``prune`` keeps at least this many units of each kind in every layer (the largest β) and says so.
+    settle_after_k: not in the paper. From step K on (c(t) = c∞) training uses the eval mask 1[β ≥ c∞] instead of
+        sampling, and β′ stops changing (no gradient, no regularizer), so the remaining steps fine-tune exactly the
+        subnetwork ``prune`` will keep. Kubo trains for 100k+ steps, long enough that the sampled masks agree with
+        the eval mask; in a short run the units just above c∞ are kept at eval but were active only about
+        σ(c∞) = 12 % of the time in training, and the eval model is far worse than the training loss says.
     """
 
     locations: list[str] = field(default_factory=lambda: list(LOCATIONS))
@@ -44,6 +49,7 @@ class AdaptiveDropoutConfig:
     gamma: float = 1e-5
     regularizer: str = "auto"
     min_units: int = 1
+    settle_after_k: bool = False
 
     def __post_init__(self) -> None:
         self.locations = [str(x) for x in self.locations]
@@ -64,6 +70,8 @@ class AdaptiveDropoutConfig:
                              f"{', '.join(REGULARIZERS)}")
         if int(self.min_units) < 1:
             raise ValueError(f"adaptive_dropout.min_units must be >= 1, got {self.min_units}")
+        if not isinstance(self.settle_after_k, bool):
+            raise ValueError(f"adaptive_dropout.settle_after_k must be true or false, got {self.settle_after_k!r}")
         self.steps, self.min_units = int(self.steps), int(self.min_units)
         self.c0, self.c_inf, self.alpha, self.gamma = float(self.c0), float(self.c_inf), float(self.alpha), \
             float(self.gamma)
@@ -99,6 +107,10 @@ class AdaptiveDropoutConfig:
         """c(t) = max((t/K)·c∞ + (1 − t/K)·c₀, c∞)."""
         t = step / self.steps
         return max(t * self.c_inf + (1.0 - t) * self.c0, self.c_inf)
+
+    def settled(self, step: int) -> bool:
+        """Whether training at ``step`` uses the eval mask (``settle_after_k`` and c(t) has reached c∞)."""
+        return self.settle_after_k and step >= self.steps
 
     def mode(self, optimizer_name: str | None) -> str:
         """``weight_decay`` or ``loss`` for the optimizer NeMo builds from ``optim.name``."""

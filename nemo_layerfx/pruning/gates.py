@@ -3,7 +3,8 @@ gates can be removed and the layer is the one it was).
 
 A gate holds the logits β′ of ``n`` units (``width`` channels each). In training its mask is H(β + ε) with the
 gradient of σ(β + ε) (``_HardSigmoidST``); in eval it is the deterministic 1[β ≥ c∞], which ``prune`` turns into a
-physically smaller model with identical outputs.
+physically smaller model with identical outputs. With ``settle_after_k`` training uses that eval mask too once
+c(t) has reached c∞ (``GateSchedule.settled``).
 
 Where the masks act, per Conformer layer (the unit map's kinds):
 
@@ -55,6 +56,9 @@ class GateSchedule(nn.Module):
     def target(self) -> float:
         return self.config.target(max(0, int(self.step)))
 
+    def settled(self) -> bool:
+        return self.config.settled(int(self.step))
+
     def draw(self, gates: list["RetentionGate"]) -> None:
         """One training forward's masks for every gate at once: the same estimator as ``RetentionGate.mask``, in a
         dozen operations for the whole encoder instead of a dozen per gate (the gated step's overhead on a CPU is
@@ -70,8 +74,11 @@ class GateSchedule(nn.Module):
         _, repeats, sizes = self.__dict__["_layout"]
         beta_prime = torch.cat([g.beta_prime for g in gates])
         beta = self.config.scale * beta_prime + self.target()
-        u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
-        mask = _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
+        if self.settled():  # the eval mask, no gradient to β′: the kept subnetwork is fine-tuned as it is
+            mask = (beta.detach() >= self.config.c_inf).to(beta.dtype)
+        else:
+            u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
+            mask = _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
         channels = mask.repeat_interleave(repeats.to(mask.device), output_size=sum(sizes))
         for g, m in zip(gates, channels.split(sizes)):
             g.__dict__["_drawn"] = m
@@ -108,11 +115,14 @@ class RetentionGate(nn.Module):
         return self.schedule.config.scale * self.beta_prime + self.schedule.target()
 
     def mask(self) -> torch.Tensor:
-        """(n,) hard 0/1: sampled in training (gradient of σ(β + ε)), 1[β ≥ c∞] in eval."""
+        """(n,) hard 0/1: sampled in training (gradient of σ(β + ε)), 1[β ≥ c∞] in eval (and in training once
+        settled)."""
         beta = self.beta()
         if not self.training:
             return (beta >= self.schedule.config.c_inf).to(beta.dtype)
         self.schedule.check_step()
+        if self.schedule.settled():
+            return (beta.detach() >= self.schedule.config.c_inf).to(beta.dtype)
         u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
         return _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
 
