@@ -113,7 +113,7 @@ def cost_claims(by_arm: dict[str, dict[int, dict]], seeds: list[int], bench: dic
                  "paper": "8.47 → 4.92 GPU-h per epoch (1.72×)",
                  "measured": measured,
                  "verdict": verdict([w - 1 for w in wall], +1, "spread covers the speed-up")
-                 + (f"; below the paper's 1.72× (expected depth 5 of 8 gives at most 1.6×)"
+                 + ("; below the paper's 1.72× (expected depth 5 of 8 gives at most 1.6×)"
                     if speed and max(speed) < 1.72 else "")})
     if bench:
         sli = [v["sli_speedup"] for v in bench["inference"].values()]
@@ -154,8 +154,9 @@ def run(args) -> Path:
     tables = f"../{lr.runs_dir(study, results).name}.md"
     lines = ["# Tian et al. 2021, reproduced at small scale", "",
              f"Budget `{args.budget}`: tiny GroupNorm Conformer-CTC preset at {LAYERS} layers, supervised CTC on the "
-             f"offline corpus, {budget['epochs']} epoch{'s' * (budget['epochs'] != 1)}, seeds {seeds}, four models per seed ({', '.join(lr.ARMS)})"
-             f", WER on dev + test at every inference depth from one sweep; device {args.device}. Run with "
+             f"offline corpus, {budget['epochs']} epoch{'s' * (budget['epochs'] != 1)}, seeds {seeds}, four models "
+             f"per seed ({', '.join(lr.ARMS)}), WER on dev + test at every inference depth from one sweep; device "
+             f"{args.device}. Run with "
              f"`python experiments/reproduce.py tian --budget {args.budget}`; per-depth tables: [{tables}]({tables})"
              "; speed from `benchmarks/layer_reduction.py` "
              f"({'read from benchmarks/results/layer_reduction_cpu.json' if bench else 'not run: no speed rows'}).",
