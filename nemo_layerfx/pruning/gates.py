@@ -59,12 +59,24 @@ class GateSchedule(nn.Module):
     def settled(self) -> bool:
         return self.config.settled(int(self.step))
 
+    def kept(self, beta: torch.Tensor) -> torch.Tensor:
+        """The deterministic mask 1[β ≥ c∞] (eval, and training once settled): no gradient reaches β′."""
+        return (beta.detach() >= self.config.c_inf).to(beta.dtype)
+
+    def training_mask(self, beta: torch.Tensor) -> torch.Tensor:
+        """A training forward's hard mask H(β + ε), ε ~ Logistic(0, 1), with the gradient of σ(β + ε); once settled,
+        the eval mask (the kept subnetwork is fine-tuned as it is)."""
+        self.check_step()
+        if self.settled():
+            return self.kept(beta)
+        u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
+        return _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))
+
     def draw(self, gates: list["RetentionGate"]) -> None:
         """One training forward's masks for every gate at once: the same estimator as ``RetentionGate.mask``, in a
         dozen operations for the whole encoder instead of a dozen per gate (the gated step's overhead on a CPU is
         per-operation, not per-unit). Each gate takes its channel mask once (``channel_mask``); ``clear`` drops
         what no module used."""
-        self.check_step()
         if not gates:
             return
         key = tuple((g.n, g.width) for g in gates)
@@ -73,12 +85,7 @@ class GateSchedule(nn.Module):
             self.__dict__["_layout"] = (key, repeats, [g.n * g.width for g in gates])
         _, repeats, sizes = self.__dict__["_layout"]
         beta_prime = torch.cat([g.beta_prime for g in gates])
-        beta = self.config.scale * beta_prime + self.target()
-        if self.settled():  # the eval mask, no gradient to β′: the kept subnetwork is fine-tuned as it is
-            mask = (beta.detach() >= self.config.c_inf).to(beta.dtype)
-        else:
-            u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
-            mask = _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
+        mask = self.training_mask(self.config.scale * beta_prime + self.target())
         channels = mask.repeat_interleave(repeats.to(mask.device), output_size=sum(sizes))
         for g, m in zip(gates, channels.split(sizes)):
             g.__dict__["_drawn"] = m
@@ -117,14 +124,7 @@ class RetentionGate(nn.Module):
     def mask(self) -> torch.Tensor:
         """(n,) hard 0/1: sampled in training (gradient of σ(β + ε)), 1[β ≥ c∞] in eval (and in training once
         settled)."""
-        beta = self.beta()
-        if not self.training:
-            return (beta >= self.schedule.config.c_inf).to(beta.dtype)
-        self.schedule.check_step()
-        if self.schedule.settled():
-            return (beta.detach() >= self.schedule.config.c_inf).to(beta.dtype)
-        u = torch.rand_like(beta).clamp_(1e-6, 1.0 - 1e-6)
-        return _HardSigmoidST.apply(beta + torch.log(u) - torch.log1p(-u))  # ε ~ Logistic(0, 1)
+        return self.schedule.training_mask(self.beta()) if self.training else self.schedule.kept(self.beta())
 
     def channel_mask(self, keep: bool = False) -> torch.Tensor:
         """(n * width,) the mask per channel (a unit's channels are consecutive); ``keep``: remember it for the
