@@ -22,6 +22,11 @@ def finished_runs(runs: Path, arms) -> tuple[dict[str, dict[int, dict]], list[in
     return by_arm, sorted({r["seed"] for r in results})
 
 
+VERDICT_RULE = ("A verdict is *reproduced* or *refuted* only when the effect has the paper's (or the opposite) sign "
+                "in every seed and its mean exceeds twice its standard error; otherwise *inconclusive*. ± is the "
+                "standard deviation over seeds.")
+
+
 def verdict(diffs: list[float], paper_sign: int, label: str) -> str:
     """reproduced / refuted (the sign in every seed and a mean beyond twice its standard error) or inconclusive."""
     n = len(diffs)
@@ -41,3 +46,18 @@ def fmt(values: list[float], spec: str = "+.3f") -> str:
     if len(values) == 1:
         return format(values[0], spec)
     return f"{format(statistics.mean(values), spec)} ± {statistics.stdev(values):.3f} (n={len(values)})"
+
+
+def claims_table(rows: list[dict]) -> list[str]:
+    """The report's table: a row per claim (what the paper says, what we measured, the verdict)."""
+    return (["| claim | paper says | we measured | verdict |", "|---|---|---|---|"]
+            + [f"| {r['claim']} | {r['paper']} | {r['measured']} | **{r['verdict']}** |" for r in rows])
+
+
+def write_report(out: Path, budget: str, lines: list[str], data: dict) -> Path:
+    """``REPORT.md`` for the full budget (``REPORT_<budget>.md`` otherwise) and its JSON (``data`` + the budget)."""
+    name = "REPORT.md" if budget == "full" else f"REPORT_{budget}.md"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text("\n".join(lines) + "\n")
+    (out / name.replace(".md", ".json")).write_text(json.dumps({"budget": budget, **data}, indent=1) + "\n")
+    return out / name

@@ -19,7 +19,7 @@ import json
 import statistics
 from pathlib import Path
 
-from study import finished_runs, fmt, verdict
+from study import VERDICT_RULE, claims_table, finished_runs, fmt, verdict, write_report
 
 BUDGETS = {  # seeds, epochs, extra overrides, tag of the runs folder
     "smoke": {"seeds": [0], "epochs": 1, "tag": "_smoke",
@@ -150,7 +150,6 @@ def run(args) -> Path:
     bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
     rows = wer_claims(by_arm, seeds) + consistency_claims(by_arm, seeds) + cost_claims(by_arm, seeds, bench)
     out = results / "tian"
-    out.mkdir(parents=True, exist_ok=True)
     tables = f"../{lr.runs_dir(study, results).name}.md"
     lines = ["# Tian et al. 2021, reproduced at small scale", "",
              f"Budget `{args.budget}`: tiny GroupNorm Conformer-CTC preset at {LAYERS} layers, supervised CTC on the "
@@ -161,13 +160,6 @@ def run(args) -> Path:
              "; speed from `benchmarks/layer_reduction.py` "
              f"({'read from benchmarks/results/layer_reduction_cpu.json' if bench else 'not run: no speed rows'}).",
              "", "Deviations: the paper pretrains by masked reconstruction and scores a Kaldi downstream; we train "
-             "CTC directly (methods.md 2(d) 6–7), so only relative effects compare. A verdict is *reproduced* or "
-             "*refuted* only when the effect has the paper's (or the opposite) sign in every seed and its mean exceeds "
-             "twice its standard error; otherwise *inconclusive*. ± is the standard deviation over seeds.", "",
-             "| claim | paper says | we measured | verdict |", "|---|---|---|---|"]
-    lines += [f"| {r['claim']} | {r['paper']} | {r['measured']} | **{r['verdict']}** |" for r in rows]
-    name = "REPORT.md" if args.budget == "full" else f"REPORT_{args.budget}.md"
-    (out / name).write_text("\n".join(lines) + "\n")
-    (out / name.replace(".md", ".json")).write_text(json.dumps({"budget": args.budget, "seeds": seeds,
-                                                                "claims": rows}, indent=1) + "\n")
-    return out / name
+             "CTC directly (methods.md 2(d) 6–7), so only relative effects compare. " + VERDICT_RULE, "",
+             *claims_table(rows)]
+    return write_report(out, args.budget, lines, {"seeds": seeds, "claims": rows})

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from study import fmt, verdict
+from study import VERDICT_RULE, claims_table, fmt, verdict, write_report
 
 BUDGETS = {  # layers, epochs (None: steps), steps, seeds, probe every n epochs, re-rand draws, model overrides
     "smoke": {"layers": 2, "epochs": None, "steps": 8, "seeds": [0], "every": None, "draws": 1,
@@ -246,10 +246,7 @@ def run(args) -> Path:
              f"paired-bootstrap intervals over the dev utterances), device {args.device}. Run with "
              f"`python experiments/reproduce.py zhou --budget {args.budget}`; runs are under "
              f"`{root.relative_to(results)}`.",
-             "", "A verdict is *reproduced* or *refuted* only when the effect has the paper's (or the opposite) sign in "
-             "every seed and its mean exceeds twice its standard error; otherwise *inconclusive*. ± is the standard "
-             "deviation over seeds.", "", "| claim | paper says | we measured | verdict |", "|---|---|---|---|"]
-    lines += [f"| {r['claim']} | {r['paper']} | {r['measured']} | **{r['verdict']}** |" for r in rows]
+             "", VERDICT_RULE, "", *claims_table(rows)]
     lines += ["", "## Per-block ΔWER at the end of training", "",
               "| norm | seed | baseline WER | re-rand ΔWER per block [95% CI of block 0] | re-init ΔWER per block |",
               "|---|---|---|---|---|"]
@@ -263,7 +260,4 @@ def run(args) -> Path:
                          + " ".join(f"{x:+.3f}" for x in r["delta_wer"]["reinit"]) + " |")
     lines += ["", "## Churn by module kind over training (GroupNorm)", ""] + churn_lines
     lines += ["", "## Ambient separation over training (GroupNorm)", ""] + sep_lines
-    name = "REPORT.md" if args.budget == "full" else f"REPORT_{args.budget}.md"
-    (out / name).write_text("\n".join(lines) + "\n")
-    (out / name.replace(".md", ".json")).write_text(json.dumps({"budget": args.budget, "claims": rows}, indent=1) + "\n")
-    return out / name
+    return write_report(out, args.budget, lines, {"claims": rows})
