@@ -10,7 +10,8 @@ Per seed, all on the offline corpus with the tiny preset at ``--layers`` layers 
 - ``adl_settled``: the same with ``settle_after_k`` (not in the paper): after step K training uses the eval mask,
   so the last steps fine-tune the subnetwork that is then pruned (same total steps);
 - Kubo's baselines at the pruned model's size: ``shallow`` (fewer layers), ``narrow`` (smaller d_model),
-  ``narrowffn`` (narrower FFNs), ``nomacaron`` (no first FFN; its size is fixed).
+  ``narrowffn`` (narrower FFNs), ``nomacaron`` (no first FFN; its size is fixed), each sized to ``adl`` of the same
+  seed; with the suffix ``_settled`` (``shallow_settled``, ...) sized to ``adl_settled`` instead.
 
 Finished runs are kept (``result.json``) and skipped, so a stopped study resumes; ``--summarize`` rewrites the
 tables only.
@@ -25,6 +26,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,44 +34,66 @@ from nemo.utils import logging
 
 import nemo_layerfx
 from study import finished_runs, mean_sd
-from nemo_layerfx.evaluate import evaluate_wer
+from nemo_layerfx.evaluate import audio_batches, evaluate_wer, read_manifest
 from nemo_layerfx.importance import ProbeConfig, probe, spearman
 from nemo_layerfx.models import count_params
 from nemo_layerfx.pruning import prune, survival_report
 from nemo_layerfx.train import compose_config, model_class, train
 
-ARMS = ("dense", "adl", "adl_settled", "shallow", "narrow", "narrowffn", "nomacaron")
+BASELINES = ("shallow", "narrow", "narrowffn", "nomacaron")
+ARMS = ("dense", "adl", "adl_settled", *BASELINES, *(f"{b}_settled" for b in BASELINES))
 STEPS_PER_EPOCH = 48  # 764 training utterances of the command corpus in batches of 16
 
 
-def overrides(args: argparse.Namespace, arm: str, extra: list[str]) -> list[str]:
+def overrides(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
     return [f"corpus_dir={args.corpus}", f"model.encoder.n_layers={args.layers}", f"trainer.max_epochs={args.epochs}",
-            "trainer.accelerator=cpu", "layerfx.report_wer=false", "exp_manager.create_checkpoint_callback=false",
-            *extra]
+            f"trainer.accelerator={getattr(args, 'device', 'cpu')}", "layerfx.report_wer=false",
+            "exp_manager.create_checkpoint_callback=false", *getattr(args, "model", ()), *extra]
 
 
 def size(args: argparse.Namespace, preset: str, extra: list[str]) -> int:
-    cfg = compose_config(preset, overrides(args, "size", extra))
+    cfg = compose_config(preset, overrides(args, extra))
     return count_params(model_class(cfg)(cfg=cfg.model))
 
 
-def matched(args: argparse.Namespace, target: int) -> dict[str, tuple[str, list[str], int]]:
-    """Baseline presets and overrides whose parameter count is closest to ``target``."""
-    out = {}
-    cands = [("conformer_gn_tiny_shallow", [f"model.encoder.n_layers={n}"]) for n in range(1, args.layers + 1)]
-    # the shallow preset's own n_layers is replaced: put the candidate after the common overrides
-    out["shallow"] = min(((p, e, size(args, p, e)) for p, e in cands), key=lambda c: abs(c[2] - target))
-    cands = [("conformer_gn_tiny_narrow", [f"model.encoder.d_model={d}"]) for d in range(32, 145, 8)]
-    out["narrow"] = min(((p, e, size(args, p, e)) for p, e in cands), key=lambda c: abs(c[2] - target))
-    cands = [("conformer_gn_tiny_narrowffn", [f"+model.encoder.ff_hidden={[w] * args.layers}"])
-             for w in range(16, 577, 16)]
-    out["narrowffn"] = min(((p, e, size(args, p, e)) for p, e in cands), key=lambda c: abs(c[2] - target))
-    out["nomacaron"] = ("conformer_gn_tiny_nomacaron", [], size(args, "conformer_gn_tiny_nomacaron", []))
-    return out
+def matched(args: argparse.Namespace, kind: str, target: int) -> tuple[str, list[str], int]:
+    """The baseline preset and overrides of ``kind`` whose parameter count is closest to ``target``."""
+    if kind == "nomacaron":  # its size is fixed
+        return "conformer_gn_tiny_nomacaron", [], size(args, "conformer_gn_tiny_nomacaron", [])
+    d_model = int(compose_config("conformer_gn_tiny", overrides(args, [])).model.encoder.d_model)
+    ffn, step = 4 * d_model, max(1, d_model // 9)  # the tiny preset: d_model 144, FFN widths 16, 32, ..., 576
+    cands = {  # the candidate override comes after the common ones, so it replaces the preset's own value
+        "shallow": [[f"model.encoder.n_layers={n}"] for n in range(1, args.layers + 1)],
+        "narrow": [[f"model.encoder.d_model={d}"] for d in range(8, d_model + 1, 8)],
+        "narrowffn": [[f"+model.encoder.ff_hidden={[w] * args.layers}"] for w in range(step, ffn + 1, step)],
+    }[kind]
+    return min(((f"conformer_gn_tiny_{kind}", e, size(args, f"conformer_gn_tiny_{kind}", e)) for e in cands),
+               key=lambda c: abs(c[2] - target))
+
+
+@torch.no_grad()
+def dev_log_probs(model: torch.nn.Module, manifest: Path, n: int = 16) -> torch.Tensor:
+    """CTC log-probs (B, T, V) of the first ``n`` dev utterances in one padded batch, eval mode: comparing the
+    gated model's with the pruned one's checks that pruning removed only what the eval mask already zeroed."""
+    model.eval()
+    device = next(model.parameters()).device
+    audio, lengths, _ = next(audio_batches(read_manifest(manifest, n), n, model._cfg.sample_rate, device))
+    feats, feat_len = model.preprocessor(input_signal=audio, length=lengths)
+    return model.decoder(encoder_output=model.encoder(audio_signal=feats, length=feat_len)[0]).cpu()
+
+
+def steps(args: argparse.Namespace) -> int:
+    """Optimizer steps of a run: ``max_steps`` when the study caps them (smoke), else the epochs'."""
+    return getattr(args, "max_steps", None) or args.epochs * STEPS_PER_EPOCH
+
+
+def runs_dir(args: argparse.Namespace, out: Path) -> Path:
+    """Where the study's runs live; ``args.tag`` (if any) keeps a smaller model's runs apart."""
+    return out / "runs" / f"adaptive_dropout_L{args.layers}{getattr(args, 'tag', '')}"
 
 
 def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
-    run = out / "runs" / f"adaptive_dropout_L{args.layers}" / f"{arm}_seed{seed}"
+    run = runs_dir(args, out) / f"{arm}_seed{seed}"
     if (run / "result.json").is_file():
         return json.loads((run / "result.json").read_text())
     run.mkdir(parents=True, exist_ok=True)
@@ -77,25 +101,28 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     common = [f"layerfx.seed={seed}", f"exp_manager.exp_dir={run / 'exp'}"]
     preset, extra = "conformer_gn_tiny", []
     if arm in ("adl", "adl_settled"):
-        k = max(1, round(args.k_share * args.epochs * STEPS_PER_EPOCH))
+        k = max(1, round(args.k_share * steps(args)))
         preset = "conformer_gn_adaptive_dropout_tiny"
         extra = [f"model.encoder.adaptive_dropout.steps={k}",
                  f"trainer.callbacks=[{{_target_: nemo_layerfx.pruning.AdaptiveDropout, out_dir: '{run}'}}]"]
         if arm == "adl_settled":
             extra.append("+model.encoder.adaptive_dropout.settle_after_k=true")
     elif arm != "dense":
-        target = json.loads((run.parent / f"adl_seed{seed}" / "result.json").read_text())["params"]
-        preset, extra, _ = matched(args, target)[arm]
+        kind, sized_to = (arm.removesuffix("_settled"), "adl_settled") if arm.endswith("_settled") else (arm, "adl")
+        target = json.loads((run.parent / f"{sized_to}_seed{seed}" / "result.json").read_text())["params"]
+        preset, extra, _ = matched(args, kind, target)
     t0 = time.perf_counter()
-    model = train(compose_config(preset, overrides(args, arm, common + extra)))
+    model = train(compose_config(preset, overrides(args, common + extra)))
     seconds = time.perf_counter() - t0
     result = {"arm": arm, "seed": seed, "preset": preset, "overrides": extra, "train_seconds": seconds}
     if arm in ("adl", "adl_settled"):
         report = survival_report(model)
         result["gated_dev_wer"] = evaluate_wer(model, corpus / "dev_manifest.json")
+        gated = dev_log_probs(model, corpus / "dev_manifest.json")
         model, pruned = prune(model)
         result.update(survival=report.survival, expected=report.expected, kept=pruned.kept,
-                      dense_params=pruned.params_before)
+                      dense_params=pruned.params_before,
+                      max_log_prob_diff=float((dev_log_probs(model, corpus / "dev_manifest.json") - gated).abs().max()))
     result.update(params=count_params(model), dev_wer=evaluate_wer(model, corpus / "dev_manifest.json"),
                   test_wer=evaluate_wer(model, corpus / "test_manifest.json"))
     if arm == "dense":
@@ -109,14 +136,15 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
 
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
-    runs = out / "runs" / f"adaptive_dropout_L{args.layers}"
-    by, seeds = finished_runs(runs, ARMS)
+    by, seeds = finished_runs(runs_dir(args, out), ARMS)
+    n_dev, n_test = (len(read_manifest(Path(args.corpus) / f"{s}_manifest.json")) for s in ("dev", "test"))
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
-             f"GroupNorm Conformer-CTC preset at {args.layers} layers, {args.epochs} epochs, seeds {seeds}; ADL: "
+             f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "
              f"gates on FFN units, query/key and value dims per head and conv groups, K = {args.k_share:.0%} of the "
-             "steps, pruned without fine-tuning. Baselines sized to the pruned model of the same seed. WER: "
-             "greedy; dev 101 utterances, test 135. ± is the standard deviation over seeds.", "",
+             "steps, pruned without fine-tuning; `adl_settled` trains the eval-mask subnetwork after K. Baselines "
+             "sized to the pruned `adl` model of the same seed (`*_settled`: to `adl_settled`). WER: greedy; dev "
+             f"{n_dev} utterances, test {n_test}. ± is the standard deviation over seeds.", "",
              "| arm | parameters | dev WER | test WER |", "|---|---|---|---|"]
     for arm, rs in by.items():
         if rs:
@@ -125,34 +153,42 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
                          f"{mean_sd([r['dev_wer'] for r in rs])} | {mean_sd([r['test_wer'] for r in rs])} |")
     lines += ["", "Paired within seed (test WER, arm − reference; negative favours the arm):", "",
               "| comparison | mean ± sd | per seed |", "|---|---|---|"]
-    for arm, ref in (("adl", "dense"), ("adl_settled", "dense"), ("adl_settled", "adl"), ("adl", "shallow"),
-                     ("adl_settled", "shallow"), ("adl", "narrow"), ("adl", "narrowffn"), ("adl", "nomacaron")):
+    pairs = [("adl", "dense"), ("adl_settled", "dense"), ("adl_settled", "adl"),
+             *(("adl", b) for b in BASELINES), *(("adl_settled", f"{b}_settled") for b in BASELINES)]
+    for arm, ref in pairs:
         common = sorted(set(by[arm]) & set(by[ref]))
         if common:
             d = [by[arm][s]["test_wer"] - by[ref][s]["test_wer"] for s in common]
             lines.append(f"| {arm} − {ref} | {mean_sd(d)} | {' '.join(f'{x:+.3f}' for x in d)} |")
-    adl = list(by["adl"].values())
-    if adl:
-        ratios = [r["params"] / r["dense_params"] for r in adl]
-        lines += ["", f"Pruned / dense parameters: {mean_sd(ratios)}; gated and pruned dev WER equal in "
-                  f"{sum(abs(r['gated_dev_wer'] - r['dev_wer']) < 1e-9 for r in adl)}/{len(adl)} seeds.", "",
+    for name in ("adl", "adl_settled"):
+        gated = list(by[name].values())
+        if not gated:
+            continue
+        ratios = [r["params"] / r["dense_params"] for r in gated]
+        kinds = list(gated[0]["survival"])
+        lines += ["", f"**{name}**: pruned / dense parameters {mean_sd(ratios)}; gated and pruned dev WER equal in "
+                  f"{sum(abs(r['gated_dev_wer'] - r['dev_wer']) < 1e-9 for r in gated)}/{len(gated)} seeds. "
                   "Surviving share per layer and kind (mean over seeds):", "",
-                  "| layer | " + " | ".join(adl[0]["survival"]) + " |", "|---|" + "---|" * len(adl[0]["survival"])]
+                  "| layer | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
         for i in range(args.layers):
-            lines.append(f"| {i} | " + " | ".join(f"{statistics.mean(r['survival'][k][i] for r in adl):.2f}"
-                                                  for k in adl[0]["survival"]) + " |")
-        rows = []
-        for s in sorted(set(by["adl"]) & set(by["dense"])):
-            surv = by["adl"][s]["survival"]
-            per_layer = [statistics.mean(surv[k][i] for k in surv) for i in range(args.layers)]
-            rows.append(spearman(per_layer, by["dense"][s]["probe_delta"]))
-        if rows:
+            lines.append(f"| {i} | " + " | ".join(f"{statistics.mean(r['survival'][k][i] for r in gated):.2f}"
+                                                  for k in kinds) + " |")
+        rho = [spearman(layer_survival(by[name][s]), by["dense"][s]["probe_delta"])
+               for s in sorted(set(by[name]) & set(by["dense"]))]
+        if rho:
             lines += ["", f"Rank correlation of a layer's mean surviving share with its re-rand ΔWER in the dense "
-                      f"model (per seed): {' '.join(f'{r:+.2f}' for r in rows)}"]
+                      f"model (per seed): {' '.join(f'{r:+.2f}' for r in rho)}"]
     text = "\n".join(lines) + "\n"
-    (out / f"adaptive_dropout_L{args.layers}.md").write_text(text)
-    (out / f"adaptive_dropout_L{args.layers}.json").write_text(json.dumps(by, indent=1) + "\n")
+    name = f"adaptive_dropout_L{args.layers}{getattr(args, 'tag', '')}"
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(by, indent=1) + "\n")
     return text
+
+
+def layer_survival(result: dict) -> list[float]:
+    """A layer's surviving share, averaged over the gated kinds."""
+    surv = result["survival"]
+    return [statistics.mean(surv[k][i] for k in surv) for i in range(len(next(iter(surv.values()))))]
 
 
 def main() -> None:

@@ -2,10 +2,10 @@
 ``experiments/results/<paper>/REPORT.md``, a row per claim: what the paper says, what we measured, and whether that
 reproduces, refutes or is inconclusive about it.
 
-    python experiments/reproduce.py zhou|tian [--budget small|full] [--device cpu|cuda] [--corpus data/commands]
+    python experiments/reproduce.py zhou|tian|kubo [--budget small|full] [--device cpu|cuda] [--corpus data/commands]
 
-Budgets: ``smoke`` (the tests: minutes, numbers mean nothing), ``small`` (about 30 minutes on a 2-core CPU: one
-seed, shorter training), ``full`` (what the README quotes: all seeds). Every run is kept on disk and reused, so a
+Budgets: ``smoke`` (the tests: minutes, numbers mean nothing), ``small`` (one seed: 30–75 minutes on a 2-core CPU,
+each paper's module says), ``full`` (what the README quotes: all seeds). Every run is kept on disk and reused, so a
 stopped reproduction resumes where it stopped. A paper is a module ``repro/<name>.py`` with
 ``run(args) -> Path`` (the report it wrote); add the others the same way.
 """
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PAPERS = {"zhou": "repro.zhou", "tian": "repro.tian"}  # kubo, fernandez-lopez: experiments/*.py for now
+PAPERS = {"zhou": "repro.zhou", "tian": "repro.tian", "kubo": "repro.kubo"}  # fernandez-lopez: experiments/lowrank.py
 
 
 def main(argv: list[str] | None = None) -> Path:

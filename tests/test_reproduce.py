@@ -79,6 +79,34 @@ def test_tian_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
     assert json.loads((tmp_path / "tian" / "REPORT_smoke.json").read_text())["claims"] == claims
 
 
+@pytest.mark.integration
+def test_kubo_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
+    first = reproduce(corpus, tmp_path, "kubo")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert f"report: {tmp_path / 'kubo' / 'REPORT_smoke.md'}" in first.stdout
+    claims = {c["claim"]: c for c in json.loads((tmp_path / "kubo" / "REPORT_smoke.json").read_text())["claims"]}
+    for arm in ("adl", "adl_settled"):
+        for expected in ("ADL prunes to 0.45× the parameters", "the pruned model is no worse than dense",
+                         "FFN and MHSA units are pruned more than conv units", "input-side (lower) layers are pruned",
+                         "(ours) layers that survive pruning are the critical ones"):
+            assert any(n.startswith(expected) and n.endswith(f"({arm})") for n in claims), (expected, arm)
+        # pruning removes only units the eval mask already zeroes: the pruned model scores as the gated one
+        exact = claims[f"(ours) pruning is exact: the pruned model computes what the gated one does ({arm})"]
+        assert exact["verdict"] == "reproduced", exact
+    assert claims["ADL (adl_settled) beats the hand-made shallow baseline"]["verdict"] == "inconclusive (1 seed)"
+    # the baseline was sized to the settled ADL model of its seed: the closest depth, not the dense one
+    runs = tmp_path / "runs" / "adaptive_dropout_L8_smoke"
+    result = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/result.json")}
+    assert set(result) == {"dense_seed0", "adl_seed0", "adl_settled_seed0", "shallow_settled_seed0"}
+    assert result["shallow_settled_seed0"]["params"] < result["dense_seed0"]["params"]
+    assert "| adl_settled − shallow_settled |" in (tmp_path / "adaptive_dropout_L8_smoke.md").read_text()
+    stamps = [p.stat().st_mtime_ns for p in sorted(runs.glob("*/result.json"))]
+    second = reproduce(corpus, tmp_path, "kubo")  # every run is on disk: nothing retrains
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert [p.stat().st_mtime_ns for p in sorted(runs.glob("*/result.json"))] == stamps
+    assert json.loads((tmp_path / "kubo" / "REPORT_smoke.json").read_text())["claims"] == list(claims.values())
+
+
 @pytest.mark.unit
 def test_unknown_paper_is_refused():
     out = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), "hinton"], capture_output=True,
