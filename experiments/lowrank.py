@@ -23,6 +23,8 @@ the tables.
 from __future__ import annotations
 
 import argparse
+import bisect
+import functools
 import json
 import math
 import platform
@@ -37,7 +39,7 @@ from nemo.utils import logging
 import nemo_layerfx
 from study import finished_runs, mean_sd
 from nemo_layerfx.callbacks import LossHistory
-from nemo_layerfx.evaluate import evaluate_wer
+from nemo_layerfx.evaluate import evaluate_wer, read_manifest
 from nemo_layerfx.importance import ProbeConfig, probe
 from nemo_layerfx.lowrank import alphas_from_report, block_alphas, energy_profile
 from nemo_layerfx.models import count_params
@@ -60,12 +62,18 @@ class DevWER(pl.Callback):
 
 def base_overrides(args: argparse.Namespace, run: Path, seed: int) -> list[str]:
     return [f"corpus_dir={args.corpus}", f"model.encoder.n_layers={args.layers}", f"layerfx.seed={seed}",
-            f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu", "layerfx.report_wer=false",
-            f"exp_manager.exp_dir={run / 'exp'}", "exp_manager.create_checkpoint_callback=false"]
+            f"trainer.max_epochs={args.epochs}", f"trainer.accelerator={getattr(args, 'device', 'cpu')}",
+            "layerfx.report_wer=false", f"exp_manager.exp_dir={run / 'exp'}",
+            "exp_manager.create_checkpoint_callback=false", *getattr(args, "model", ())]
+
+
+def runs_dir(args: argparse.Namespace, out: Path) -> Path:
+    """Where the study's runs live; ``args.tag`` (if any) keeps a smaller model's runs apart."""
+    return out / "runs" / f"lowrank_L{args.layers}{getattr(args, 'tag', '')}"
 
 
 def encoder_params(args: argparse.Namespace, low_rank: dict | None) -> int:
-    over = [f"corpus_dir={args.corpus}", f"model.encoder.n_layers={args.layers}"]
+    over = [f"corpus_dir={args.corpus}", f"model.encoder.n_layers={args.layers}", *getattr(args, "model", ())]
     if low_rank:
         over.append("+model.encoder.low_rank=" + json.dumps(low_rank).replace('"', ""))
     cfg = compose_config("conformer_gn_tiny", over)
@@ -73,9 +81,12 @@ def encoder_params(args: argparse.Namespace, low_rank: dict | None) -> int:
 
 
 def matched_uniform(args: argparse.Namespace, target: int) -> float:
-    """The uniform α (both groups, steps of 0.005) whose encoder size is closest to ``target``."""
-    best = min((abs(encoder_params(args, {"att": a / 200, "ffn": a / 200}) - target), a / 200) for a in range(10, 121))
-    return best[1]
+    """The uniform α (both groups, steps of 0.005 in [0.05, 0.6]) whose encoder size is closest to ``target``.
+    Sizes grow with α, so a bisection finds the first α at or above the target; it or the step below is closest."""
+    grid = [a / 200 for a in range(10, 121)]
+    size = functools.cache(lambda a: encoder_params(args, {"att": a, "ffn": a}))
+    i = bisect.bisect_left(range(len(grid)), target, key=lambda j: size(grid[j]))
+    return min(grid[max(0, i - 1):i + 1], key=lambda a: abs(size(a) - target))
 
 
 def arm_config(args: argparse.Namespace, arm: str, out: Path, seed: int) -> dict | None:
@@ -89,20 +100,20 @@ def arm_config(args: argparse.Namespace, arm: str, out: Path, seed: int) -> dict
     if arm == "reversed":
         return {"att": {"alphas": block_alphas(ATT, n)[::-1]}, "ffn": {"alphas": block_alphas(FFN, n)[::-1]}}
     if arm == "uniform":
-        cache = out / f"uniform_alpha_L{n}.json"
+        cache = out / f"uniform_alpha_L{n}{getattr(args, 'tag', '')}.json"
         if not cache.is_file():
             target = encoder_params(args, {"att": ATT, "ffn": FFN})
             cache.write_text(json.dumps({"alpha": matched_uniform(args, target), "target": target}) + "\n")
         a = json.loads(cache.read_text())["alpha"]
         return {"att": a, "ffn": a}
     if arm == "probe":
-        report = out / "runs" / f"lowrank_L{n}" / f"full_seed{seed}" / "probe.json"
+        report = runs_dir(args, out) / f"full_seed{seed}" / "probe.json"
         return {"att": {"alphas": alphas_from_report(report, *ATT)}, "ffn": {"alphas": alphas_from_report(report, *FFN)}}
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
 
 
 def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
-    run = out / "runs" / f"lowrank_L{args.layers}" / f"{arm}_seed{seed}"
+    run = runs_dir(args, out) / f"{arm}_seed{seed}"
     if (run / "result.json").is_file():
         return json.loads((run / "result.json").read_text())
     run.mkdir(parents=True, exist_ok=True)
@@ -141,12 +152,15 @@ def loss_stats(losses: list[float]) -> dict[str, float]:
 
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
-    runs = out / "runs" / f"lowrank_L{args.layers}"
-    by_arm, seeds = finished_runs(runs, ARMS)
+    by_arm, seeds = finished_runs(runs_dir(args, out), ARMS)
+    enc = compose_config("conformer_gn_tiny", [f"corpus_dir={args.corpus}", *getattr(args, "model", ())]).model.encoder
+    n_dev, n_test = (len(read_manifest(Path(args.corpus) / f"{s}_manifest.json")) for s in ("dev", "test"))
+    steps = [r["steps"] for rs in by_arm.values() for r in rs.values()]
     lines = [f"# Low-rank training from scratch ({args.layers} layers, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; "
-             f"tiny GroupNorm Conformer-CTC preset (d_model 144, 4 heads, FFN 576) at {args.layers} layers, "
-             f"{args.epochs} epochs, seeds {seeds}. WER: greedy, dev 101 utterances (530 words), test 135. "
+             f"tiny GroupNorm Conformer-CTC preset (d_model {enc.d_model}, {enc.n_heads} heads, FFN "
+             f"{enc.d_model * enc.ff_expansion_factor}) at {args.layers} layers, {args.epochs} epochs "
+             f"({max(steps, default=0)} steps), seeds {seeds}. WER: greedy, dev {n_dev} utterances, test {n_test}. "
              "± is the standard deviation over seeds. *train s / epoch* is the wall time of each run as it "
              "happened, with other jobs sharing the CPU for some arms: not a speed measurement (that is "
              "`benchmarks/lowrank.py`, interleaved).", "",
@@ -182,8 +196,9 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
             per_block = [statistics.mean(e[group][b] for e in energy) for b in range(args.layers)]
             lines.append(f"| {group} | " + " | ".join(f"{v:.2f}" for v in per_block) + " |")
     text = "\n".join(lines) + "\n"
-    (out / f"lowrank_L{args.layers}.md").write_text(text)
-    (out / f"lowrank_L{args.layers}.json").write_text(json.dumps(
+    name = runs_dir(args, out).name
+    (out / f"{name}.md").write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(
         {arm: {s: {k: v for k, v in r.items() if k not in ("loss",)} for s, r in rs.items()}
          for arm, rs in by_arm.items()}, indent=1) + "\n")
     return text

@@ -2,12 +2,12 @@
 ``experiments/results/<paper>/REPORT.md``, a row per claim: what the paper says, what we measured, and whether that
 reproduces, refutes or is inconclusive about it.
 
-    python experiments/reproduce.py zhou|tian|kubo [--budget small|full] [--device cpu|cuda] [--corpus data/commands]
+    python experiments/reproduce.py zhou|tian|kubo|fernandez-lopez [--budget small|full] [--device cpu|cuda] [--corpus data/commands]
 
 Budgets: ``smoke`` (the tests: minutes, numbers mean nothing), ``small`` (one seed: 30–75 minutes on a 2-core CPU,
 each paper's module says), ``full`` (what the README quotes: all seeds). Every run is kept on disk and reused, so a
 stopped reproduction resumes where it stopped. A paper is a module ``repro/<name>.py`` with
-``run(args) -> Path`` (the report it wrote); add the others the same way.
+``run(args) -> Path`` (the report it wrote).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PAPERS = {"zhou": "repro.zhou", "tian": "repro.tian", "kubo": "repro.kubo"}  # fernandez-lopez: experiments/lowrank.py
+PAPERS = {"zhou": "repro.zhou", "tian": "repro.tian", "kubo": "repro.kubo", "fernandez-lopez": "repro.fernandez_lopez"}
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -107,6 +107,33 @@ def test_kubo_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
     assert json.loads((tmp_path / "kubo" / "REPORT_smoke.json").read_text())["claims"] == list(claims.values())
 
 
+@pytest.mark.integration
+def test_fernandez_lopez_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
+    first = reproduce(corpus, tmp_path, "fernandez-lopez")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert f"report: {tmp_path / 'fernandez-lopez' / 'REPORT_smoke.md'}" in first.stdout
+    claims = {c["claim"]: c for c in json.loads((tmp_path / "fernandez-lopez" / "REPORT_smoke.json").read_text())[
+        "claims"]}
+    seeded = ("SVD initialization trains more stably than Kaiming",
+              "a rank ramp that grows with depth beats a uniform α at equal size",
+              "(ours) a probe-ordered rank map beats the linear ramp at equal size")
+    for name in seeded:  # one seed: no more than inconclusive
+        assert claims[name]["verdict"] == "inconclusive (1 seed)", claims[name]
+    assert any(n.startswith("LR-SMS: over 2× fewer parameters") for n in claims)
+    assert any(n.startswith("the rank holding 95 % of the energy grows with depth") for n in claims)
+    runs = tmp_path / "runs" / "lowrank_L8_smoke"
+    result = {p.parent.name: json.loads(p.read_text()) for p in runs.glob("*/result.json")}
+    assert set(result) == {f"{a}_seed0" for a in ("full", "lrsms", "kaiming", "uniform", "reversed", "probe")}
+    # every low-rank arm but the uniform one has LR-SMS's size exactly; all are smaller than full rank
+    sizes = {k: r["encoder_params"] for k, r in result.items()}
+    assert sizes["kaiming_seed0"] == sizes["reversed_seed0"] == sizes["probe_seed0"] == sizes["lrsms_seed0"]
+    assert max(sizes[k] for k in sizes if k != "full_seed0") < sizes["full_seed0"]
+    stamps = [p.stat().st_mtime_ns for p in sorted(runs.glob("*/result.json"))]
+    second = reproduce(corpus, tmp_path, "fernandez-lopez")  # every run is on disk: nothing retrains
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert [p.stat().st_mtime_ns for p in sorted(runs.glob("*/result.json"))] == stamps
+
+
 @pytest.mark.unit
 def test_unknown_paper_is_refused():
     out = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), "hinton"], capture_output=True,
