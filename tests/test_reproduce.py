@@ -61,12 +61,14 @@ def test_tian_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
     claims = json.loads((tmp_path / "tian" / "REPORT_smoke.json").read_text())["claims"]
     names = [c["claim"] for c in claims]
     seeded = ("parameter sharing (PSS) costs a little WER", "with PSS + U(2,8) WER stays flat",
-              "without PSS, sampled depth trains a worse model", "shared layers are consistent",
-              "sampled depth U(2,8) + PSS trains about 42% faster")
+              "without PSS, sampled depth trains a worse model", "shared layers are consistent")
     for expected in seeded:
         assert any(n.startswith(expected) for n in names), (expected, names)
     # one seed: no verdict that rests on seeds can be more than inconclusive
     assert all(c["verdict"].startswith("inconclusive (1 seed)") for c in claims if c["claim"].startswith(seeded))
+    # speed is judged from the interleaved benchmark's results, not from the runs' shared-machine wall-clock
+    speed = next(c for c in claims if c["claim"].startswith("sampled depth U(2,8) + PSS trains about 42% faster"))
+    assert speed["measured"].startswith("interleaved step time") and "below the paper's 1.72×" in speed["verdict"]
     # the per-depth tables of the four models, written by the study script the report reuses
     tables = (tmp_path / "layer_reduction_L8_smoke.md").read_text()
     assert all(f"| {arm} |" in tables for arm in ("unshared fixed", "shared fixed", "shared U(2,8)", "unshared U(2,8)"))

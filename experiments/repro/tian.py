@@ -103,18 +103,17 @@ def cost_claims(by_arm: dict[str, dict[int, dict]], seeds: list[int], bench: dic
                                  f"{statistics.mean(model):.2f}× (front end and decoder are not shared)",
                      "verdict": "reproduced (exact)" if ratio == LAYERS else "refuted"})
     wall = [uf[s]["train_seconds"] / su[s]["train_seconds"] for s in seeds]
-    measured = f"wall-clock per epoch, {UF} / {SU}: {fmt(wall, '.2f')}× (a shared machine)"
-    speed = []
-    if bench:
+    measured = f"wall-clock per run, {UF} / {SU}: {fmt(wall, '.2f')}× (runs shared the machine with other jobs)"
+    if bench:  # the interleaved benchmark is the speed measurement; the runs' wall-clock only a sanity check
         speed = [v["shared G=1"]["speedup_vs_depth8"] for v in bench["train"].values()]
-        measured += (f"; interleaved step time, shared U(2,8) vs depth 8: {min(speed):.2f}–{max(speed):.2f}× over "
-                     f"{len(speed)} batch lengths")
+        measured = (f"interleaved step time, shared U(2,8) vs depth 8: {min(speed):.2f}–{max(speed):.2f}× over "
+                    f"{len(speed)} batch lengths (Conformer-M width, CPU); {measured}")
+        judged = ("reproduced in direction (every batch length faster)" if min(speed) > 1 else "refuted") + (
+            "; below the paper's 1.72× (expected depth 5 of 8 gives at most 1.6×)" if max(speed) < 1.72 else "")
+    else:
+        judged = verdict([w - 1 for w in wall], +1, "spread covers the speed-up")
     rows.append({"claim": "sampled depth U(2,8) + PSS trains about 42% faster",
-                 "paper": "8.47 → 4.92 GPU-h per epoch (1.72×)",
-                 "measured": measured,
-                 "verdict": verdict([w - 1 for w in wall], +1, "spread covers the speed-up")
-                 + ("; below the paper's 1.72× (expected depth 5 of 8 gives at most 1.6×)"
-                    if speed and max(speed) < 1.72 else "")})
+                 "paper": "8.47 → 4.92 GPU-h per epoch (1.72×)", "measured": measured, "verdict": judged})
     if bench:
         sli = [v["sli_speedup"] for v in bench["inference"].values()]
         rows.append({"claim": "SLI(5) cuts inference time by about 38%",
