@@ -11,7 +11,8 @@ Per seed, all on the offline corpus with the tiny preset at ``--layers`` layers 
   so the last steps fine-tune the subnetwork that is then pruned (same total steps);
 - Kubo's baselines at the pruned model's size: ``shallow`` (fewer layers), ``narrow`` (smaller d_model),
   ``narrowffn`` (narrower FFNs), ``nomacaron`` (no first FFN; its size is fixed), each sized to ``adl`` of the same
-  seed; with the suffix ``_settled`` (``shallow_settled``, ...) sized to ``adl_settled`` instead.
+  seed; with the suffix ``_settled`` (``shallow_settled``, ``narrow_settled``, ``narrowffn_settled``) sized to
+  ``adl_settled`` instead.
 
 Finished runs are kept (``result.json``) and skipped, so a stopped study resumes; ``--summarize`` rewrites the
 tables only.
@@ -41,7 +42,8 @@ from nemo_layerfx.pruning import prune, survival_report
 from nemo_layerfx.train import compose_config, model_class, train
 
 BASELINES = ("shallow", "narrow", "narrowffn", "nomacaron")
-ARMS = ("dense", "adl", "adl_settled", *BASELINES, *(f"{b}_settled" for b in BASELINES))
+SIZED = BASELINES[:3]  # NoMacaron's size is fixed: one arm serves both ADL variants
+ARMS = ("dense", "adl", "adl_settled", *BASELINES, *(f"{b}_settled" for b in SIZED))
 STEPS_PER_EPOCH = 48  # 764 training utterances of the command corpus in batches of 16
 
 
@@ -154,7 +156,8 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
     lines += ["", "Paired within seed (test WER, arm − reference; negative favours the arm):", "",
               "| comparison | mean ± sd | per seed |", "|---|---|---|"]
     pairs = [("adl", "dense"), ("adl_settled", "dense"), ("adl_settled", "adl"),
-             *(("adl", b) for b in BASELINES), *(("adl_settled", f"{b}_settled") for b in BASELINES)]
+             *(("adl", b) for b in BASELINES), *(("adl_settled", f"{b}_settled") for b in SIZED),
+             ("adl_settled", "nomacaron")]
     for arm, ref in pairs:
         common = sorted(set(by[arm]) & set(by[ref]))
         if common:
