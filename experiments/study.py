@@ -61,3 +61,20 @@ def write_report(out: Path, budget: str, lines: list[str], data: dict) -> Path:
     (out / name).write_text("\n".join(lines) + "\n")
     (out / name.replace(".md", ".json")).write_text(json.dumps({"budget": budget, **data}, indent=1) + "\n")
     return out / name
+
+
+def ensure_corpus(corpus: str) -> None:
+    """Quiet NeMo's logging and synthesize the default offline corpus into ``corpus`` if it has none yet."""
+    from nemo.utils import logging
+
+    from nemo_layerfx.corpus import CorpusConfig, make_corpus
+
+    logging.setLevel(logging.ERROR)
+    if not (Path(corpus) / "corpus_info.json").is_file():
+        make_corpus(CorpusConfig(out=corpus), progress=True)
+
+
+def benchmark_results(name: str) -> dict | None:
+    """``benchmarks/results/<name>.json`` (a benchmark's ratios, machine and versions), or None where it has not run."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -17,11 +17,11 @@ an encoder-decoder Conformer (d_model 768, 12 + 6 blocks) on LRS3 and LibriSpeec
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from study import VERDICT_RULE, claims_table, finished_runs, fmt, verdict, write_report
+from study import (VERDICT_RULE, benchmark_results, claims_table, ensure_corpus, finished_runs, fmt, verdict,
+                   write_report)
 
 SMOKE_MODEL = ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.subsampling_conv_channels=16",
                "model.encoder.conv_norm_type=group_norm4"]
@@ -120,15 +120,9 @@ def speed_claims(bench: dict | None) -> list[dict]:
 
 def run(args) -> Path:
     import lowrank as lr
-    from nemo.utils import logging
-
-    from nemo_layerfx.corpus import CorpusConfig, make_corpus
-
-    logging.setLevel(logging.ERROR)
+    ensure_corpus(args.corpus)
     budget = BUDGETS[args.budget]
     results = Path(args.out)
-    if not (Path(args.corpus) / "corpus_info.json").is_file():
-        make_corpus(CorpusConfig(out=args.corpus), progress=True)
     study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=budget["epochs"], tag=budget["tag"],
                                device=args.device, model=budget["model"])
     for seed in budget["seeds"]:
@@ -141,8 +135,7 @@ def run(args) -> Path:
         for r in rs.values():
             r.update(lr.loss_stats(r["loss"]))
     seeds = [s for s in budget["seeds"] if all(s in by[a] for a in ARMS)]
-    bench_file = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "lowrank_cpu.json"
-    bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
+    bench = benchmark_results("lowrank_cpu")
     rows = quality_claims(by, seeds) + energy_claims(by) + speed_claims(bench)
     tables = f"../{lr.runs_dir(study, results).name}.md"
     steps = max(r["steps"] for rs in by.values() for r in rs.values())

@@ -18,11 +18,11 @@ Conformer-L (17 layers, d_model 512) on LibriSpeech; 576 steps with K = 70 % of 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from study import VERDICT_RULE, claims_table, finished_runs, fmt, verdict, write_report
+from study import (VERDICT_RULE, benchmark_results, claims_table, ensure_corpus, finished_runs, fmt, verdict,
+                   write_report)
 
 SMOKE_MODEL = ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.subsampling_conv_channels=16",
                "model.encoder.conv_norm_type=group_norm4"]
@@ -157,15 +157,9 @@ def speed_claims(bench: dict | None) -> list[dict]:
 
 def run(args) -> Path:
     import adaptive_dropout as ad
-    from nemo.utils import logging
-
-    from nemo_layerfx.corpus import CorpusConfig, make_corpus
-
-    logging.setLevel(logging.ERROR)
+    ensure_corpus(args.corpus)
     budget = BUDGETS[args.budget]
     results = Path(args.out)
-    if not (Path(args.corpus) / "corpus_info.json").is_file():
-        make_corpus(CorpusConfig(out=args.corpus), progress=True)
     study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=budget["epochs"], k_share=0.7,
                                max_steps=budget["max_steps"], tag=budget["tag"], device=args.device,
                                model=budget["model"] + ([f"trainer.max_steps={budget['max_steps']}"]
@@ -176,8 +170,7 @@ def run(args) -> Path:
     ad.summarize(study, results)
     by, _ = finished_runs(ad.runs_dir(study, results), ad.ARMS)
     by = {a: {s: r for s, r in rs.items() if s in budget["seeds"]} for a, rs in by.items()}
-    bench_file = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "prune_cpu.json"
-    bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
+    bench = benchmark_results("prune_cpu")
     rows = size_claims(by) + baseline_claims(by) + survival_claims(by) + speed_claims(bench)
     tables = f"../{ad.runs_dir(study, results).name}.md"
     seeds = sorted({s for rs in by.values() for s in rs})

@@ -15,11 +15,11 @@ corpus, 12 epochs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from study import VERDICT_RULE, claims_table, finished_runs, fmt, verdict, write_report
+from study import (VERDICT_RULE, benchmark_results, claims_table, ensure_corpus, finished_runs, fmt, verdict,
+                   write_report)
 
 BUDGETS = {  # seeds, epochs, extra overrides, tag of the runs folder
     "smoke": {"seeds": [0], "epochs": 1, "tag": "_smoke",
@@ -127,15 +127,9 @@ def cost_claims(by_arm: dict[str, dict[int, dict]], seeds: list[int], bench: dic
 
 def run(args) -> Path:
     import layer_reduction as lr
-    from nemo.utils import logging
-
-    from nemo_layerfx.corpus import CorpusConfig, make_corpus
-
-    logging.setLevel(logging.ERROR)
+    ensure_corpus(args.corpus)
     budget = BUDGETS[args.budget]
     results = Path(args.out)
-    if not (Path(args.corpus) / "corpus_info.json").is_file():
-        make_corpus(CorpusConfig(out=args.corpus), progress=True)
     study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=budget["epochs"], tag=budget["tag"],
                                device=args.device)
     manifest = lr.eval_manifest(Path(args.corpus), lr.runs_dir(study, results))
@@ -145,8 +139,7 @@ def run(args) -> Path:
     lr.summarize(study, results)  # the per-depth tables
     by_arm, _ = finished_runs(lr.runs_dir(study, results), lr.ARMS)
     seeds = [s for s in budget["seeds"] if all(s in by_arm[a] for a in lr.ARMS)]
-    bench_file = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "layer_reduction_cpu.json"
-    bench = json.loads(bench_file.read_text()) if bench_file.is_file() else None
+    bench = benchmark_results("layer_reduction_cpu")
     rows = wer_claims(by_arm, seeds) + consistency_claims(by_arm, seeds) + cost_claims(by_arm, seeds, bench)
     out = results / "tian"
     tables = f"../{lr.runs_dir(study, results).name}.md"

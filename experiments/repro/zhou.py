@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from study import VERDICT_RULE, claims_table, fmt, verdict, write_report
+from study import VERDICT_RULE, claims_table, ensure_corpus, fmt, verdict, write_report
 
 BUDGETS = {  # layers, epochs (None: steps), steps, seeds, probe every n epochs, re-rand draws, model overrides
     "smoke": {"layers": 2, "epochs": None, "steps": 8, "seeds": [0], "every": None, "draws": 1,
@@ -225,13 +225,10 @@ def landed_claims(results: Path) -> list[dict]:
 
 
 def run(args) -> Path:
-    from nemo_layerfx.corpus import CorpusConfig, make_corpus
-
+    ensure_corpus(args.corpus)
     budget = BUDGETS[args.budget]
     results = Path(args.out)
     root = results / "zhou" / args.budget
-    if not (Path(args.corpus) / "corpus_info.json").is_file():
-        make_corpus(CorpusConfig(out=args.corpus), progress=True)
     studies = {arm: {s: train_arm(args, budget, arm, s, root) for s in budget["seeds"]} for arm in ARMS}
     rows = norm_claims(studies, budget["layers"])
     churn_rows, churn_lines = churn_claims(studies)
