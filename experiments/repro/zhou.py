@@ -229,6 +229,9 @@ def run(args) -> Path:
     budget = BUDGETS[args.budget]
     results = Path(args.out)
     root = results / "zhou" / args.budget
+    for seed in budget["seeds"]:  # seed by seed: a stopped full run leaves whole seeds, paired across norms
+        for arm in ARMS:
+            train_arm(args, budget, arm, seed, root)
     studies = {arm: {s: train_arm(args, budget, arm, s, root) for s in budget["seeds"]} for arm in ARMS}
     rows = norm_claims(studies, budget["layers"])
     churn_rows, churn_lines = churn_claims(studies)
