@@ -34,7 +34,7 @@ import torch
 from nemo.utils import logging
 
 import nemo_layerfx
-from study import finished_runs, mean_sd
+from study import finished_runs, mean_sd, paired, split_sizes
 from nemo_layerfx.evaluate import audio_batches, evaluate_wer, read_manifest
 from nemo_layerfx.importance import ProbeConfig, probe, spearman
 from nemo_layerfx.models import count_params
@@ -139,7 +139,7 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
     by, seeds = finished_runs(runs_dir(args, out), ARMS)
-    n_dev, n_test = (len(read_manifest(Path(args.corpus) / f"{s}_manifest.json")) for s in ("dev", "test"))
+    n_dev, n_test = split_sizes(args.corpus)
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "
@@ -159,9 +159,8 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
              *(("adl", b) for b in BASELINES), *(("adl_settled", f"{b}_settled") for b in SIZED),
              ("adl_settled", "nomacaron")]
     for arm, ref in pairs:
-        common = sorted(set(by[arm]) & set(by[ref]))
+        common, d = paired(by, arm, ref)
         if common:
-            d = [by[arm][s]["test_wer"] - by[ref][s]["test_wer"] for s in common]
             lines.append(f"| {arm} − {ref} | {mean_sd(d)} | {' '.join(f'{x:+.3f}' for x in d)} |")
     for name in ("adl", "adl_settled"):
         gated = list(by[name].values())

@@ -37,9 +37,9 @@ import torch
 from nemo.utils import logging
 
 import nemo_layerfx
-from study import finished_runs, mean_sd
+from study import finished_runs, mean_sd, paired, split_sizes
 from nemo_layerfx.callbacks import LossHistory
-from nemo_layerfx.evaluate import evaluate_wer, read_manifest
+from nemo_layerfx.evaluate import evaluate_wer
 from nemo_layerfx.importance import ProbeConfig, probe
 from nemo_layerfx.lowrank import alphas_from_report, block_alphas, energy_profile
 from nemo_layerfx.models import count_params
@@ -154,7 +154,7 @@ def loss_stats(losses: list[float]) -> dict[str, float]:
 def summarize(args: argparse.Namespace, out: Path) -> str:
     by_arm, seeds = finished_runs(runs_dir(args, out), ARMS)
     enc = compose_config("conformer_gn_tiny", [f"corpus_dir={args.corpus}", *getattr(args, "model", ())]).model.encoder
-    n_dev, n_test = (len(read_manifest(Path(args.corpus) / f"{s}_manifest.json")) for s in ("dev", "test"))
+    n_dev, n_test = split_sizes(args.corpus)
     steps = [r["steps"] for rs in by_arm.values() for r in rs.values()]
     lines = [f"# Low-rank training from scratch ({args.layers} layers, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; "
@@ -180,10 +180,9 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
               "| comparison | mean ± sd | per seed | arm better in |", "|---|---|---|---|"]
     for arm, ref in (("lrsms", "full"), ("lrsms", "kaiming"), ("lrsms", "uniform"), ("lrsms", "reversed"),
                      ("probe", "lrsms"), ("uniform", "full")):
-        common = sorted(set(by_arm[arm]) & set(by_arm[ref]))
+        common, d = paired(by_arm, arm, ref)
         if not common:
             continue
-        d = [by_arm[arm][s]["test_wer"] - by_arm[ref][s]["test_wer"] for s in common]
         rel = statistics.mean(d) / statistics.mean(by_arm[ref][s]["test_wer"] for s in common)
         lines.append(f"| {arm} − {ref} | {mean_sd(d)} ({rel:+.1%} rel.) | {' '.join(f'{x:+.3f}' for x in d)} | "
                      f"{sum(x < 0 for x in d)}/{len(d)} |")

@@ -27,6 +27,19 @@ VERDICT_RULE = ("A verdict is *reproduced* or *refuted* only when the effect has
                 "standard deviation over seeds.")
 
 
+def paired(by_arm: dict[str, dict[int, dict]], arm: str, ref: str,
+           key: str = "test_wer") -> tuple[list[int], list[float]]:
+    """The seeds both arms ran and, per seed, ``arm``'s ``key`` minus ``ref``'s (a within-seed paired difference)."""
+    seeds = sorted(set(by_arm[arm]) & set(by_arm[ref]))
+    return seeds, [by_arm[arm][s][key] - by_arm[ref][s][key] for s in seeds]
+
+
+def split_sizes(corpus: str | Path) -> tuple[int, int]:
+    """Utterances in the corpus's dev and test manifests (what a study's WERs are measured on)."""
+    return tuple(sum(1 for line in (Path(corpus) / f"{split}_manifest.json").read_text().splitlines() if line.strip())
+                 for split in ("dev", "test"))
+
+
 def verdict(diffs: list[float], paper_sign: int, label: str) -> str:
     """reproduced / refuted (the sign in every seed and a mean beyond twice its standard error) or inconclusive."""
     n = len(diffs)

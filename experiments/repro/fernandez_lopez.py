@@ -20,8 +20,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from study import (VERDICT_RULE, benchmark_results, claims_table, ensure_corpus, finished_runs, fmt, verdict,
-                   write_report)
+from study import (VERDICT_RULE, benchmark_results, claims_table, ensure_corpus, finished_runs, fmt, paired,
+                   verdict, write_report)
 
 SMOKE_MODEL = ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.subsampling_conv_channels=16",
                "model.encoder.conv_norm_type=group_norm4"]
@@ -34,10 +34,6 @@ BUDGETS = {
 }
 LAYERS = 8
 FLAT = 0.02  # a change in the 95 %-energy rank fraction smaller than this is no trend
-
-
-def paired(by: dict, arm: str, ref: str, key: str = "test_wer") -> list[float]:
-    return [by[arm][s][key] - by[ref][s][key] for s in sorted(set(by[arm]) & set(by[ref]))]
 
 
 def quality_claims(by: dict, seeds: list[int]) -> list[dict]:
@@ -57,17 +53,17 @@ def quality_claims(by: dict, seeds: list[int]) -> list[dict]:
                               "Table II vs I: [0.1, 0.2] / [0.2, 0.5] at 115M beats uniform 0.25 at 113M"),
                              ("(ours) rank growing with depth beats the reversed ramp at equal size", "reversed",
                               "implied by their per-depth rank analysis (Figs. 1, 3), not trained")):
-        d = paired(by, "lrsms", arm)
+        _, d = paired(by, "lrsms", arm)
         if d:
             rows.append({"claim": name, "paper": paper, "measured": f"test WER LR-SMS − {arm}: {fmt(d)}",
                          "verdict": verdict(d, -1, "spread covers the difference")})
-    d = paired(by, "kaiming", "lrsms", "roughness")
+    _, d = paired(by, "kaiming", "lrsms", "roughness")
     if d:
         rows.append({"claim": "SVD initialization: a smoother loss curve than Kaiming",
                      "paper": "uniform factorization with plain init tends to exploding gradients",
                      "measured": f"roughness (median |Δ log loss| per step) Kaiming − LR-SMS: {fmt(d)}",
                      "verdict": verdict(d, +1, "spread covers the difference")})
-    d = paired(by, "probe", "lrsms")
+    _, d = paired(by, "probe", "lrsms")
     if d:
         rows.append({"claim": "(ours) a probe-ordered rank map beats the linear ramp at equal size",
                      "paper": "not in the paper: more rank for the full model's critical blocks",
@@ -88,8 +84,8 @@ def energy_claims(by: dict) -> list[dict]:
         last = [e[group][-1] for e in energy]
         rows.append({"claim": f"the rank holding 95 % of the energy grows with depth ({label})",
                      "paper": "Figs. 1, 3: trained full-rank weights of deeper blocks need more rank",
-                     "measured": f"fraction of min(m, n), block 0 {fmt(first, '.2f')} → block {len(energy[0][group]) - 1} "
-                                 f"{fmt(last, '.2f')}; upper − lower half {fmt(d)}",
+                     "measured": f"fraction of min(m, n), block 0 {fmt(first, '.2f')} → block "
+                                 f"{len(energy[0][group]) - 1} {fmt(last, '.2f')}; upper − lower half {fmt(d)}",
                      "verdict": (f"not seen: flat (|Δ| < {FLAT} in every seed)" if all(abs(x) < FLAT for x in d)
                                  else verdict(d, +1, "spread covers the trend"))})
     return rows
@@ -107,7 +103,8 @@ def speed_claims(bench: dict | None) -> list[dict]:
              "paper": "1.31× on A100s at 115M vs 243M",
              "measured": f"{bench['encoder_param_ratio']:.2f}× the encoder parameters: training step "
                          f"{min(train):.2f}–{max(train):.2f}× faster over {len(train)} batch lengths (the FLOPs "
-                         f"removed allow {min(limit):.2f}–{max(limit):.2f}×); inference {min(inf):.2f}–{max(inf):.2f}×"
+                         f"removed allow {min(limit):.2f}–{max(limit):.2f}×); inference "
+                         f"{min(inf):.2f}–{max(inf):.2f}×"
                          " (Conformer-M width, CPU)",
              "verdict": ("reproduced (≥ 1.3×)" if min(train) >= 1.3 else "faster, below the paper's 1.31×")
              + ("; the 1.4× target met" if min(train) >= 1.4 else "; the 1.4× target not met")},

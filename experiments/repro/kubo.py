@@ -21,8 +21,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from study import (VERDICT_RULE, benchmark_results, claims_table, ensure_corpus, finished_runs, fmt, verdict,
-                   write_report)
+from study import (VERDICT_RULE, benchmark_results, claims_table, ensure_corpus, finished_runs, fmt, paired,
+                   verdict, write_report)
 
 SMOKE_MODEL = ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.encoder.subsampling_conv_channels=16",
                "model.encoder.conv_norm_type=group_norm4"]
@@ -40,11 +40,6 @@ LAYERS = 8
 GATED = ("adl", "adl_settled")
 BASELINE_WER = {"shallow": "Shallow L=7 (50.6M): 3.9 / 9.3", "narrow": "Narrow D=320 (43.7M): 3.9 / 9.3",
                 "narrowffn": "NarrowFFN (75.5M): 3.9 / 9.3", "nomacaron": "NoMacaron (75.5M): 3.8 / 8.9"}
-
-
-def paired(by: dict, arm: str, ref: str) -> tuple[list[int], list[float]]:
-    seeds = sorted(set(by[arm]) & set(by[ref]))
-    return seeds, [by[arm][s]["test_wer"] - by[ref][s]["test_wer"] for s in seeds]
 
 
 def size_claims(by: dict) -> list[dict]:
@@ -82,11 +77,9 @@ def baseline_claims(by: dict) -> list[dict]:
     return rows
 
 
-def layer_mean(surv: dict, i: int) -> float:
-    return statistics.mean(surv[k][i] for k in surv)
-
-
 def survival_claims(by: dict) -> list[dict]:
+    from adaptive_dropout import layer_survival
+
     from nemo_layerfx.importance import spearman
 
     rows = []
@@ -103,7 +96,7 @@ def survival_claims(by: dict) -> list[dict]:
                          "paper": "Fig. 2 and text: LConv keeps more than FFN and MHSA",
                          "measured": f"surviving share, conv − mean of FFN/MHSA kinds: {fmt(d)}",
                          "verdict": verdict(d, +1, "spread covers the difference")})
-        rho = [spearman(list(range(layers)), [layer_mean(r["survival"], i) for i in range(layers)]) for r in rs]
+        rho = [spearman(list(range(layers)), layer_survival(r)) for r in rs]
         rows.append({"claim": f"input-side (lower) layers are pruned more ({arm})",
                      "paper": "Fig. 2 and text: survival rises with depth",
                      "measured": f"rank correlation of layer index with surviving share: {fmt(rho, '+.2f')}",
@@ -127,7 +120,7 @@ def survival_claims(by: dict) -> list[dict]:
                                  f"{'; runs older than that check: equal dev WER' if None in diff else ''})",
                      "verdict": "reproduced" if all(same) else "refuted"})
         seeds = sorted(set(by[arm]) & set(by["dense"]))
-        rho = [spearman([layer_mean(by[arm][s]["survival"], i) for i in range(layers)], by["dense"][s]["probe_delta"])
+        rho = [spearman(layer_survival(by[arm][s]), by["dense"][s]["probe_delta"])
                for s in seeds]
         if rho:
             rows.append({"claim": f"(ours) layers that survive pruning are the critical ones of the probe ({arm})",

@@ -127,6 +127,7 @@ def cost_claims(by_arm: dict[str, dict[int, dict]], seeds: list[int], bench: dic
 
 def run(args) -> Path:
     import layer_reduction as lr
+
     ensure_corpus(args.corpus)
     budget = BUDGETS[args.budget]
     results = Path(args.out)
