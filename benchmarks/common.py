@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from nemo_layerfx import memory
 from nemo_layerfx.evaluate import read_manifest, targets_of
 
 
@@ -145,26 +146,6 @@ def step_flops(model, audio, lengths, texts) -> int:
 
 
 def training_memory(model, audio, lengths, texts, adam: bool = True) -> dict[str, int]:
-    """Bytes a training step holds: parameters, gradients, Adam's two moments, and the tensors autograd saves for
-    backward (distinct storages), counted exactly rather than read from the allocator."""
-    targets, tl = targets_of(model, texts, audio.device)
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # saved weights are not activations
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        log_probs, enc_len, _ = model(input_signal=audio, input_signal_length=lengths)
-        loss = model.loss(log_probs=log_probs, targets=targets, input_lengths=enc_len, target_lengths=tl)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    out = {"parameters": params, "gradients": params, "optimizer_state": 2 * params if adam else 0,
-           "saved_activations": sum(seen.values())}
-    out["total"] = sum(out.values())
-    return out
+    """Bytes a training step holds (parameters, gradients, Adam's two moments unless ``adam`` is false, tensors
+    saved for backward), counted exactly: ``nemo_layerfx.memory.training_memory``."""
+    return memory.training_memory(model, audio, lengths, texts, moments=2 if adam else 0)

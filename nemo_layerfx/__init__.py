@@ -4,9 +4,9 @@ Importing the package registers it with NeMo (``_target_`` allow-list, adapter r
 encoder options of the capability subpackages (``low_rank``, ``depth_sampling``, ``adaptive_dropout``), so configs and ``.nemo`` files that name
 ``nemo_layerfx.*`` classes build and restore.
 
-Layout: the core (``encoder``, ``units``, ``surgery``, ``models``, ``evaluate``, ``registration``, ``train``) and
-one subpackage per capability: ``importance``, ``fd`` (federated dropout), ``fl`` (Flower apps, optional),
-``lowrank``, ``depth``, ``pruning``. Capabilities import the core, not each other.
+Layout: the core (``encoder``, ``units``, ``surgery``, ``models``, ``evaluate``, ``memory``, ``registration``,
+``train``) and one subpackage per capability: ``importance``, ``fd`` (federated dropout), ``fl`` (Flower apps,
+optional), ``lowrank``, ``depth``, ``pruning``. Capabilities import the core, not each other.
 """
 
 from nemo_layerfx.registration import register
@@ -38,6 +38,7 @@ from nemo_layerfx.lowrank import LowRankConfig, LowRankLinear, lowrank, merge  #
 from nemo_layerfx.depth import DepthSampling, depth_sweep, set_inference_depth, unshare  # noqa: E402
 from nemo_layerfx.pruning import AdaptiveDropout, prune, survival_report  # noqa: E402
 from nemo_layerfx.models import clone_model, conformer_encoder, restore  # noqa: E402
+from nemo_layerfx.memory import training_memory  # noqa: E402
 from nemo_layerfx.units import UNIT_MAP  # noqa: E402
 from nemo_layerfx.fused_gn import fused_group_norm  # noqa: E402
 from nemo_layerfx.encoder import (  # noqa: E402
@@ -89,4 +90,5 @@ __all__ = [
     "register",
     "stock_encoder_config",
     "survival_report",
+    "training_memory",
 ]

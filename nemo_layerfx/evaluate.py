@@ -163,19 +163,25 @@ def targets_of(model: nn.Module, texts: list[str], device) -> tuple[torch.Tensor
     return targets, tl
 
 
-@torch.no_grad()
-def batch_loss(model: nn.Module, encoded: torch.Tensor, length: torch.Tensor, texts: list[str]) -> float:
-    """The model's own training loss (CTC, or RNNT through the joint) on one batch, as NeMo reduces it."""
+def model_loss(model: nn.Module, encoded: torch.Tensor, length: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """The model's own loss (CTC, or RNNT through the joint) on one encoded batch, as NeMo reduces it; with
+    gradients when they are enabled."""
     targets, tl = targets_of(model, texts, encoded.device)
     if not hasattr(model, "joint"):
         log_probs = model.decoder(encoder_output=encoded)
-        return float(model.loss(log_probs=log_probs, targets=targets, input_lengths=length, target_lengths=tl))
+        return model.loss(log_probs=log_probs, targets=targets, input_lengths=length, target_lengths=tl)
     dec, _, _ = model.decoder(targets=targets, target_length=tl)
     if model.joint.fuse_loss_wer:
-        return float(model.joint(encoder_outputs=encoded, decoder_outputs=dec, encoder_lengths=length,
-                                 transcripts=targets, transcript_lengths=tl, compute_wer=False)[0])
+        return model.joint(encoder_outputs=encoded, decoder_outputs=dec, encoder_lengths=length,
+                           transcripts=targets, transcript_lengths=tl, compute_wer=False)[0]
     joint = model.joint(encoder_outputs=encoded, decoder_outputs=dec)
-    return float(model.loss(log_probs=joint, targets=targets, input_lengths=length, target_lengths=tl))
+    return model.loss(log_probs=joint, targets=targets, input_lengths=length, target_lengths=tl)
+
+
+@torch.no_grad()
+def batch_loss(model: nn.Module, encoded: torch.Tensor, length: torch.Tensor, texts: list[str]) -> float:
+    """``model_loss`` as a number (the probe's and the sweep's loss)."""
+    return float(model_loss(model, encoded, length, texts))
 
 
 def wer(hyps: list[str], refs: list[str]) -> float:

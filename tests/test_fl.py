@@ -15,7 +15,9 @@ import torch
 
 import nemo_layerfx  # noqa: F401
 from nemo_layerfx.convert import restore
-from nemo_layerfx.fl.task import FLConfig, check_run, load_checkpoint, save_checkpoint
+from nemo_layerfx.fl.task import (
+    FLConfig, check_run, load_checkpoint, pass_size, save_checkpoint, train_submodel,
+)
 from nemo_layerfx.train import model_class
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +114,8 @@ def test_bad_federated_inputs_fail_before_any_round(global_nemo, corpus, tmp_pat
         check_run(FLConfig(**{**base, "num_clients": 9}))
     with pytest.raises(ValueError, match="bad fault"):
         FLConfig(**base, faults={"client0": "explode"})
+    with pytest.raises(ValueError, match=r"micro_batch_size=3 must divide batch_size=8 .*one of \[1, 2, 4, 8\]"):
+        FLConfig(**base, micro_batch_size=3)
     with pytest.raises(ValueError, match="unknown aggregation rule 'median'"):
         check_run(FLConfig(**base, rule="median"))
     bn = tiny_cfg("conformer_gn_tiny", "model.encoder._target_=nemo.collections.asr.modules.ConformerEncoder",
@@ -131,6 +135,39 @@ def test_bad_federated_inputs_fail_before_any_round(global_nemo, corpus, tmp_pat
         load_checkpoint(out, cfg)
     result = run([sys.executable, "-m", "nemo_layerfx.cli", "fl", f"corpus={corpus}"])
     assert result.returncode == 2 and "model not set" in result.stderr
+
+
+@pytest.mark.integration
+def test_micro_batches_take_the_one_pass_step_and_submodels_take_bigger_passes(tiny_cfg, corpus):
+    from nemo_layerfx.fd import DropoutPlan, extract
+    from nemo_layerfx.models import clone_model
+
+    # wide and shallow, so that weights weigh in the memory as they do at Conformer-M width on short utterances;
+    # nothing random in a pass (no dither, SpecAugment or dropout), so pass shapes alone could change the step
+    cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.d_model=256", "model.preprocessor.dither=0.0",
+                   "~model.spec_augment",
+                   "model.encoder.dropout=0.0", "model.encoder.dropout_pre_encoder=0.0",
+                   "model.encoder.dropout_att=0.0")
+    torch.manual_seed(0)
+    full = model_class(cfg)(cfg=cfg.model)
+    sub, _ = extract(full, DropoutPlan.flat(2, 0.5, kinds=("ffn", "head", "conv")), seed=0)
+    manifest = corpus / "train_manifest.json"
+    fl = dict(model="unused.nemo", corpus=str(corpus), batch_size=4, local_steps=2, client_lr=0.05)
+    one, micro = FLConfig(**fl), FLConfig(**fl, micro_batch_size=2)
+    # the submodel's pass of 4 holds less than the full model's pass of 2; the full model itself gets no more
+    assert pass_size(full, sub, manifest, micro) == 4
+    assert pass_size(full, full, manifest, micro) == 2
+    assert pass_size(full, sub, manifest, one) == 4
+    # two accumulated passes of 2 take the step one pass of 4 takes (2 steps: 8 utterances, within the first epoch)
+    a, b = clone_model(full), clone_model(full)
+    _, loss_one = train_submodel(a, manifest, one, seed=3)
+    _, loss_micro = train_submodel(b, manifest, micro, seed=3, full=full)
+    assert loss_micro == pytest.approx(loss_one, rel=1e-5)
+    moved = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), full.parameters()))
+    diff = max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    with pytest.raises(ValueError, match="needs the full model"):
+        train_submodel(clone_model(sub), manifest, micro, seed=3)
 
 
 @pytest.mark.unit

@@ -68,3 +68,23 @@ def test_layerfx_seed_makes_training_reproducible(tiny_cfg):
     other = train(tiny_cfg("conformer_gn_tiny", "layerfx.seed=4")).state_dict()
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     assert not all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["conformer_gn_tiny", "conformer_gn_hybrid_tiny"])
+def test_training_memory_counts_weights_state_and_saved_tensors(tiny_cfg, corpus, name):
+    from nemo_layerfx import training_memory
+    from nemo_layerfx.evaluate import audio_batches, read_manifest
+    from nemo_layerfx.train import model_class
+
+    cfg = tiny_cfg(name)
+    model = model_class(cfg)(cfg=cfg.model).eval()
+    rows = read_manifest(corpus / "train_manifest.json", 4)
+    one, two = (next(audio_batches(rows[:n], n, 16000, "cpu")) for n in (2, 4))
+    small, big = training_memory(model, *one), training_memory(model, *two, moments=2)
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert small["parameters"] == small["gradients"] == weights and small["optimizer_state"] == 0
+    assert big["optimizer_state"] == 2 * weights
+    assert 1.5 < big["saved_activations"] / small["saved_activations"] < 3  # about twice the utterances' frames
+    assert small["total"] == weights * 2 + small["saved_activations"]
+    assert not model.training and all(p.grad is None for p in model.parameters())  # nothing left behind

@@ -41,7 +41,7 @@ def make_client_app(cfg: FLConfig | None = None) -> ClientApp:
                          units=units_from_lists(json.loads(conf["units"])))
         sub.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
         manifest = client_manifests(c)[pid]
-        n, loss = train_submodel(sub, manifest, c, seed=int(conf["seed"]) * 7919 + rnd * 131 + pid)
+        n, loss = train_submodel(sub, manifest, c, seed=int(conf["seed"]) * 7919 + rnd * 131 + pid, full=base)
         state = sub.state_dict()
         if fault == "nan":
             state["encoder.layers.0.feed_forward1.linear1.weight"][0, 0] = torch.nan

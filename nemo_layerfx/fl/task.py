@@ -37,6 +37,13 @@ class FLConfig:
         targeted layers, or every layer for flat), ``base_rate`` (all other layers), ``n`` (targeted layers),
         ``kinds`` (ffn, head, conv), ``report`` (a block-level probe.json, for ambient / critical), ``rates``
         (explicit: kind -> per-layer rates).
+    micro_batch_size: the most utterances one forward/backward pass may hold *with the full model* (what the
+        client devices' memory allows); None: a local step of ``batch_size`` utterances is one pass. When set, a
+        local step is taken as accumulated passes, which compute the same gradient (the encoder ignores padding),
+        and a client's smaller submodel takes bigger passes: as many utterances (a divisor of ``batch_size``) as
+        fit the memory that ``micro_batch_size`` utterances take with the full model, counted exactly on the
+        client's longest utterances (``pass_size``). Fewer, bigger passes are what make a small client faster on
+        short utterances, where a pass costs about the same number of operator calls whatever the width.
     """
 
     model: str
@@ -46,6 +53,7 @@ class FLConfig:
     num_clients: int | None = None  # the first n speakers (sorted); None: every client manifest
     local_steps: int = 5  # E local SGD steps per client and round
     batch_size: int = 8
+    micro_batch_size: int | None = None  # utterances per pass with the full model (device memory); None: batch_size
     client_lr: float = 0.05  # client SGD (Guliani: SGD on clients, Adam on the server)
     clip_grad: float | None = 1.0  # clients clip the gradient norm (CTC/RNNT losses are sums over frames)
     plan: dict[str, Any] = field(default_factory=lambda: {"type": "flat", "rate": 0.0, "kinds": ["ffn"]})
@@ -63,6 +71,11 @@ class FLConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("rounds, local_steps and batch_size must be >= 1")
+        divisors = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+        if self.micro_batch_size is not None and self.micro_batch_size not in divisors:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size} "
+                             f"(a local step is batch_size utterances in equal passes): one of {divisors}, or "
+                             f"null for one pass")
         if self.client_lr <= 0:
             raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
         # YAML reads an unquoted nan as a float
@@ -165,16 +178,54 @@ def base_model(path: str):
     return restore(path).eval()
 
 
-def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int) -> tuple[int, float]:
-    """E local SGD steps on one client's manifest with NeMo's own training step and loss; (examples, last loss)."""
+_BUDGETS: dict[tuple, int] = {}
+
+
+def pass_size(full, sub, manifest: str | Path, cfg: FLConfig) -> int:
+    """Utterances per forward/backward pass for ``sub`` on this client: ``batch_size`` when no
+    ``micro_batch_size`` is set, else the largest divisor of ``batch_size`` whose pass on the client's longest
+    utterances holds no more memory (``nemo_layerfx.memory.training_memory``) than ``micro_batch_size`` of them
+    take with the full model ``full``. Never below ``micro_batch_size``."""
+    micro = cfg.micro_batch_size
+    if micro is None or micro == cfg.batch_size:
+        return cfg.batch_size
+    from nemo_layerfx.evaluate import audio_batches, read_manifest
+    from nemo_layerfx.memory import training_memory
+
+    rows = sorted(read_manifest(manifest), key=lambda r: -float(r["duration"]))[: cfg.batch_size]
+
+    def held(model, n: int) -> int:
+        audio, lengths, texts = next(audio_batches(rows[:n], n, model._cfg.sample_rate, "cpu"))
+        return training_memory(model, audio, lengths, texts)["total"]
+
+    key = (id(full), str(manifest), micro, cfg.batch_size)
+    if key not in _BUDGETS:  # the full model's memory at micro_batch_size on this client: the same every round
+        _BUDGETS[key] = held(full, micro)
+    budget = _BUDGETS[key]
+    for m in sorted((d for d in range(micro + 1, cfg.batch_size + 1) if cfg.batch_size % d == 0), reverse=True):
+        if m <= len(rows) and held(sub, m) <= budget:
+            return m
+    return micro
+
+
+def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int, full=None) -> tuple[int, float]:
+    """E local SGD steps on one client's manifest with NeMo's own training step and loss; (examples, last loss).
+
+    With ``cfg.micro_batch_size`` each step of ``batch_size`` utterances runs as accumulated passes of
+    ``pass_size(full, sub, ...)`` utterances (``full``: the global model, needed then). The gradient is the same
+    as one pass's, except at an epoch's last, partial step (Lightning weights every pass of a step alike) and for
+    the random draws of dither and SpecAugment, which follow the pass shapes."""
     import lightning.pytorch as pl
     from omegaconf import open_dict
 
+    if cfg.micro_batch_size is not None and full is None:
+        raise ValueError("micro_batch_size is set: train_submodel needs the full model (full=...) to size passes")
+    per_pass = cfg.batch_size if full is None else pass_size(full, sub, manifest, cfg)
     pl.seed_everything(seed, workers=True, verbose=False)
     with open_dict(sub._cfg):
         sub._cfg.optim = {"name": "sgd", "lr": cfg.client_lr}
     sub.setup_training_data({"manifest_filepath": str(manifest), "sample_rate": sub._cfg.sample_rate,
-                             "batch_size": cfg.batch_size, "shuffle": True, "num_workers": 0})
+                             "batch_size": per_pass, "shuffle": True, "num_workers": 0})
     losses: list[float] = []
 
     class _Last(pl.Callback):
@@ -185,12 +236,14 @@ def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int) -> tuple
     trainer = pl.Trainer(max_steps=cfg.local_steps, max_epochs=10_000, accelerator=cfg.accelerator, devices=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         gradient_clip_val=cfg.clip_grad, callbacks=[_Last()])
+                         gradient_clip_val=cfg.clip_grad, accumulate_grad_batches=cfg.batch_size // per_pass,
+                         callbacks=[_Last()])
     sub.set_trainer(trainer)
     trainer.fit(sub)
     sub.cpu()
     n = sum(1 for line in Path(manifest).read_text().splitlines() if line.strip())
-    return n, losses[-1] if losses else math.nan
+    # the last step's passes; Lightning reports each pass's loss divided by their number, so they sum to the step's
+    return n, sum(losses[-(cfg.batch_size // per_pass):]) if losses else math.nan
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
