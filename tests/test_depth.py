@@ -275,6 +275,38 @@ def test_sweep_matches_full_and_truncated_evaluation(tiny_cfg, corpus, tmp_path,
 
 
 @pytest.mark.integration
+def test_transcribe_honours_the_inference_depth_and_the_sweep_runs_on_stock_nemo(tiny_cfg, corpus):
+    cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.n_layers=3")
+    torch.manual_seed(0)
+    model = model_class(cfg)(cfg=cfg.model).eval()
+    with torch.no_grad():  # a model whose depths differ
+        for p in model.encoder.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    short_cfg = cfg.copy()  # the same weights in a model built with 2 layers
+    with open_dict(short_cfg):
+        short_cfg.model.encoder.n_layers = 2
+    short = model_class(short_cfg)(cfg=short_cfg.model).eval()
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("encoder.layers.2.")}
+    assert short.load_state_dict(kept, strict=True)
+    files = [str(corpus / r) for r in [json.loads(line)["audio_filepath"]
+                                       for line in (corpus / "dev_manifest.json").read_text().splitlines()[:4]]]
+
+    def texts(m):
+        return [h.text if hasattr(h, "text") else h for h in m.transcribe(files, batch_size=2, verbose=False)]
+
+    full_hyps = texts(model)
+    set_inference_depth(model, 2)
+    assert texts(model) == texts(short) and texts(model) != full_hyps
+    # the sweep on NeMo's own ConformerEncoder: its last depth is the model's full evaluation, exactly
+    stock_cfg = tiny_cfg("conformer_gn_tiny", "model.encoder._target_=nemo.collections.asr.modules.ConformerEncoder",
+                         "model.encoder.conv_norm_type=batch_norm", "model.encoder.n_layers=3")
+    stock = model_class(stock_cfg)(cfg=stock_cfg.model).eval()
+    report = depth_sweep(stock, corpus / "dev_manifest.json", batch_size=4)
+    assert report.depths == [1, 2, 3] and len(report.cosine) == 2
+    assert report.wer[-1] == evaluate_wer(stock, corpus / "dev_manifest.json", batch_size=4)
+
+
+@pytest.mark.integration
 def test_probe_honours_the_inference_depth(tiny_cfg, corpus):
     cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.n_layers=3", "+model.encoder.inference_depth=2")
     torch.manual_seed(0)
