@@ -7,8 +7,9 @@ GroupNorm Conformer-CTC preset at 8 layers trained from scratch on the offline c
 ramp at LR-SMS's size, and a rank map ordered by the full model's probe (ours). Speed and memory come from
 ``benchmarks/lowrank.py`` (Conformer-M width, interleaved), read from its results file when it exists.
 
-Budgets (CPU, 2 cores; each 12-epoch run takes 12–15 minutes): ``smoke`` (tests: tiny models, minutes), ``small``
-(seed 0, all six arms: about 90 minutes), ``full`` (seeds 0–2: about 4.5 hours; a GPU shortens it).
+Budgets (CPU, 2 cores; each 12-epoch run takes 4–5 minutes on idle cores, 10–15 with other work running):
+``smoke`` (tests: tiny models, minutes), ``small`` (seed 0, all six arms: about 25 minutes idle), ``full`` (seeds
+0–2: about 75 minutes idle; a GPU shortens it).
 
 Deviations from the paper, stated in the report: CTC on a synthetic corpus at d_model 144 and 8 blocks instead of
 an encoder-decoder Conformer (d_model 768, 12 + 6 blocks) on LRS3 and LibriSpeech, and 576 steps.
