@@ -243,16 +243,22 @@ def test_shared_models_are_refused_by_extract_and_probe(shared_model, corpus):
     assert count_params(sub) < count_params(plain)
 
 
+def uneven_model(tiny_cfg):
+    """A 3-layer CTC model whose depths differ (its layers perturbed away from the initialization), and its config."""
+    cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.n_layers=3")
+    torch.manual_seed(0)
+    model = model_class(cfg)(cfg=cfg.model).eval()
+    with torch.no_grad():
+        for p in model.encoder.layers.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, cfg
+
+
 @pytest.mark.integration
 def test_sweep_matches_full_and_truncated_evaluation(tiny_cfg, corpus, tmp_path, capsys):
     from nemo_layerfx_cli import main as layerfx
 
-    cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.n_layers=3")
-    torch.manual_seed(0)
-    model = model_class(cfg)(cfg=cfg.model).eval()
-    with torch.no_grad():  # a model whose depths differ
-        for p in model.encoder.layers.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, cfg = uneven_model(tiny_cfg)
     manifest = corpus / "dev_manifest.json"
     report = depth_sweep(model, manifest, batch_size=4)
     assert report.depths == [1, 2, 3] and len(report.l2) == len(report.cosine) == 2
@@ -276,12 +282,7 @@ def test_sweep_matches_full_and_truncated_evaluation(tiny_cfg, corpus, tmp_path,
 
 @pytest.mark.integration
 def test_transcribe_honours_the_inference_depth_and_the_sweep_runs_on_stock_nemo(tiny_cfg, corpus):
-    cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.n_layers=3")
-    torch.manual_seed(0)
-    model = model_class(cfg)(cfg=cfg.model).eval()
-    with torch.no_grad():  # a model whose depths differ
-        for p in model.encoder.layers.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model, cfg = uneven_model(tiny_cfg)
     short_cfg = cfg.copy()  # the same weights in a model built with 2 layers
     with open_dict(short_cfg):
         short_cfg.model.encoder.n_layers = 2
