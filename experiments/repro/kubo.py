@@ -7,9 +7,9 @@ and Kubo's hand-made baselines sized to the pruned models. Speed comes from ``be
 width, interleaved), read from its results file when it exists: Kubo reports no speed, so those rows check our own
 targets.
 
-Budgets (CPU, 2 cores; each 12-epoch run takes 7–15 minutes): ``smoke`` (tests: tiny models, minutes), ``small``
-(seed 0: dense, both ADL arms and Shallow sized to each, about 75 minutes), ``full`` (seeds 0–2 with every baseline
-sized to ``adl_settled`` too: about 6 hours; a GPU shortens it).
+Budgets (CPU, 2 cores; each 12-epoch run takes about 4 minutes on idle cores, 7–15 with other work running):
+``smoke`` (tests: tiny models, minutes), ``small`` (seed 0: dense, both ADL arms and Shallow sized to each, 5
+runs), ``full`` (seeds 0–2 with every baseline sized to ``adl_settled`` too: 24 runs; a GPU shortens it).
 
 Deviations from the paper, stated in the report: CTC on a synthetic corpus at d_model 144 and 8 layers instead of
 Conformer-L (17 layers, d_model 512) on LibriSpeech; 576 steps with K = 70 % of them instead of 100k+.
