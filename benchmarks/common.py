@@ -102,18 +102,25 @@ def median_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(num, den))
 
 
-def ctc_step(model, audio, lengths, texts, optimizer: str = "sgd", lr: float = 1e-4) -> Callable[[], None]:
-    """One training step of a CTC model: forward, its CTC loss, backward, optimizer step."""
-    targets, tl = targets_of(model, texts, audio.device)
+def ctc_step(model, audio, lengths, texts, optimizer: str = "sgd", lr: float = 1e-4,
+             passes: int = 1) -> Callable[[], None]:
+    """One training step of a CTC model: forward, its CTC loss, backward, optimizer step. With ``passes`` > 1 the
+    batch is taken as that many equal passes (each padded to its own longest utterance) whose gradients accumulate,
+    each pass's mean loss weighted by its share: the step a client makes when only a pass that size fits."""
+    chunks = []
+    for i in range(passes):
+        s = slice(i * len(texts) // passes, (i + 1) * len(texts) // passes)
+        chunks.append((audio[s, : int(lengths[s].max())], lengths[s], *targets_of(model, texts[s], audio.device)))
     params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=lr) if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr)
     model.train()
 
     def step() -> None:
-        log_probs, enc_len, _ = model(input_signal=audio, input_signal_length=lengths)
-        loss = model.loss(log_probs=log_probs, targets=targets, input_lengths=enc_len, target_lengths=tl)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for a, al, targets, tl in chunks:
+            log_probs, enc_len, _ = model(input_signal=a, input_signal_length=al)
+            loss = model.loss(log_probs=log_probs, targets=targets, input_lengths=enc_len, target_lengths=tl)
+            (loss / passes).backward()
         opt.step()
 
     return step

@@ -49,29 +49,6 @@ def payload_bytes(model) -> int:
         return sum(v.numel() * v.element_size() for v in model.state_dict().values())
 
 
-def accumulated_step(model, audio, lengths, texts, micro_batches: int, lr: float = 1e-4):
-    """One SGD step over the batch taken as ``micro_batches`` equal micro-batches with gradient accumulation (each
-    one's mean loss over its share): the step a client makes when only a micro-batch fits in its memory."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    parts = [slice(i * len(texts) // micro_batches, (i + 1) * len(texts) // micro_batches)
-             for i in range(micro_batches)]
-    chunks = []
-    for s in parts:
-        n = int(lengths[s].max())
-        chunks.append((audio[s, :n], lengths[s], *targets_of(model, texts[s], audio.device)))
-    model.train()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        for a, al, targets, tl in chunks:
-            log_probs, enc_len, _ = model(input_signal=a, input_signal_length=al)
-            loss = model.loss(log_probs=log_probs, targets=targets, input_lengths=enc_len, target_lengths=tl)
-            (loss / micro_batches).backward()
-        opt.step()
-
-    return step
-
-
 def accumulation_error(model, audio, lengths, texts, micro_batches: int) -> dict[str, float]:
     """Loss and gradients of one pass over the batch vs ``micro_batches`` accumulated ones (eval mode: no dither or
     SpecAugment; features computed once, so only the encoder's padding-exactness is tested)."""
@@ -131,14 +108,14 @@ def main() -> None:
         times = time_interleaved({"full": ctc_step(full, audio, lengths, texts),
                                   "sub": ctc_step(sub, audio, lengths, texts)}, args.rounds)
         a2, l2, t2 = doubled[name]
-        half = int(l2[: args.batch].max())  # the full model's first pass, padded as accumulated_step pads it
+        half = int(l2[: args.batch].max())  # the full model's first pass, padded as ctc_step's passes pad it
         memory[name] = {"full, batch": training_memory(full, a2[: args.batch, :half], l2[: args.batch],
                                                        t2[: args.batch], adam=False),
                         "sub, 2x batch": training_memory(sub, a2, l2, t2, adam=False)}
         # as nemo_layerfx.fl.task.pass_size decides: one pass where it fits the full model's memory, else two
         sub_passes = 1 if memory[name]["sub, 2x batch"]["total"] <= memory[name]["full, batch"]["total"] else 2
-        times2 = time_interleaved({"full": accumulated_step(full, a2, l2, t2, 2),
-                                   "sub": accumulated_step(sub, a2, l2, t2, sub_passes)}, args.rounds)
+        times2 = time_interleaved({"full": ctc_step(full, a2, l2, t2, passes=2),
+                                   "sub": ctc_step(sub, a2, l2, t2, passes=sub_passes)}, args.rounds)
         settings[name] = {
             "mean_seconds": round(float(lengths.float().mean()) / 16000, 2),
             "step_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()},

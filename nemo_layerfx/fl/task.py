@@ -71,7 +71,7 @@ class FLConfig:
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.local_steps < 1 or self.batch_size < 1:
             raise ValueError("rounds, local_steps and batch_size must be >= 1")
-        divisors = [d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]
+        divisors = _divisors(self.batch_size)
         if self.micro_batch_size is not None and self.micro_batch_size not in divisors:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size} "
                              f"(a local step is batch_size utterances in equal passes): one of {divisors}, or "
@@ -181,6 +181,11 @@ def base_model(path: str):
 _BUDGETS: dict[tuple, int] = {}
 
 
+def _divisors(n: int) -> list[int]:
+    """The pass sizes a local step of ``n`` utterances can be split into evenly, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def pass_size(full, sub, manifest: str | Path, cfg: FLConfig) -> int:
     """Utterances per forward/backward pass for ``sub`` on this client: ``batch_size`` when no
     ``micro_batch_size`` is set, else the largest divisor of ``batch_size`` whose pass on the client's longest
@@ -202,7 +207,7 @@ def pass_size(full, sub, manifest: str | Path, cfg: FLConfig) -> int:
     if key not in _BUDGETS:  # the full model's memory at micro_batch_size on this client: the same every round
         _BUDGETS[key] = held(full, micro)
     budget = _BUDGETS[key]
-    for m in sorted((d for d in range(micro + 1, cfg.batch_size + 1) if cfg.batch_size % d == 0), reverse=True):
+    for m in reversed([d for d in _divisors(cfg.batch_size) if d > micro]):
         if m <= len(rows) and held(sub, m) <= budget:
             return m
     return micro
@@ -221,6 +226,7 @@ def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int, full=Non
     if cfg.micro_batch_size is not None and full is None:
         raise ValueError("micro_batch_size is set: train_submodel needs the full model (full=...) to size passes")
     per_pass = cfg.batch_size if full is None else pass_size(full, sub, manifest, cfg)
+    passes = cfg.batch_size // per_pass
     pl.seed_everything(seed, workers=True, verbose=False)
     with open_dict(sub._cfg):
         sub._cfg.optim = {"name": "sgd", "lr": cfg.client_lr}
@@ -236,14 +242,14 @@ def train_submodel(sub, manifest: str | Path, cfg: FLConfig, seed: int, full=Non
     trainer = pl.Trainer(max_steps=cfg.local_steps, max_epochs=10_000, accelerator=cfg.accelerator, devices=1,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                         gradient_clip_val=cfg.clip_grad, accumulate_grad_batches=cfg.batch_size // per_pass,
+                         gradient_clip_val=cfg.clip_grad, accumulate_grad_batches=passes,
                          callbacks=[_Last()])
     sub.set_trainer(trainer)
     trainer.fit(sub)
     sub.cpu()
     n = sum(1 for line in Path(manifest).read_text().splitlines() if line.strip())
     # the last step's passes; Lightning reports each pass's loss divided by their number, so they sum to the step's
-    return n, sum(losses[-(cfg.batch_size // per_pass):]) if losses else math.nan
+    return n, sum(losses[-passes:]) if losses else math.nan
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
