@@ -28,10 +28,11 @@ from nemo.collections.asr.modules.conformer_encoder import (
 from nemo.collections.asr.parts.submodules.conformer_modules import ConformerFeedForward
 from nemo.collections.asr.parts.submodules.multi_head_attention import (
     MultiHeadAttention,
+    RelPositionMultiHeadAttention,
 )
 from torch import nn
 
-from nemo_layerfx.attention import RaggedMultiHeadAttention
+from nemo_layerfx.attention import RaggedMultiHeadAttention, rel_shift
 from nemo_layerfx.conv import (  # noqa: F401 (re-exported: their public home was this module)
     STOCK_ENCODER_TARGET,
     MaskedConformerConvolution,
@@ -212,6 +213,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
                     self.d_model, list(layer_qk_dims[i]), list(layer_v_dims[i]), head_dim=layer.self_attn.d_k,
                     dropout_rate=kwargs.get("dropout_att", 0.0), rel_pos=self.self_attention_model == "rel_pos",
                     use_bias=use_bias)
+        self._bind_rel_shift()
         self.share_layers = None
         if share_layers is not None:
             self._share(int(share_layers))
@@ -219,6 +221,13 @@ class GroupNormConformerEncoder(ConformerEncoder):
         for option in sorted(ENCODER_OPTIONS.values(), key=lambda o: o.order):
             if options.get(option.name) is not None:
                 option.apply(self, options[option.name])
+
+    def _bind_rel_shift(self) -> None:
+        """NeMo's relative-position attention computes its shift with ``attention.rel_shift`` (the same values from a
+        strided view instead of a padded copy)."""
+        for layer in self.layers:
+            if isinstance(layer.self_attn, RelPositionMultiHeadAttention):
+                layer.self_attn.rel_shift = rel_shift
 
     # --- depth: parameter sets, and how many layers a forward runs --------------------------------------------
     depth_sampler: Any = None  # set by the depth_sampling option: an object whose depth() is this step's depth
@@ -294,7 +303,9 @@ class GroupNormConformerEncoder(ConformerEncoder):
             raise NotImplementedError("change_attention_model is not supported with share_layers; unshare first")
         if any(layer.self_attn.h != self.layers[0].self_attn.h for layer in self.layers):
             raise NotImplementedError("change_attention_model is not supported with per-layer head counts")
-        return super().change_attention_model(*args, **kwargs)
+        out = super().change_attention_model(*args, **kwargs)
+        self._bind_rel_shift()
+        return out
 
 
 def stock_encoder_config(encoder_cfg: Any) -> dict:

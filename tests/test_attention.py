@@ -97,3 +97,50 @@ def test_ragged_attention_gradients_reach_the_kept_dimensions_only_once():
     torch.testing.assert_close(rag.linear_v.weight.grad, ref.linear_v.weight.grad[keep_v], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rag.linear_out.weight.grad, ref.linear_out.weight.grad[:, keep_v], rtol=1e-4,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("t1", [1, 2, 7, 30])
+def test_rel_shift_view_equals_nemos_padded_shift_values_and_gradients(t1):
+    """The strided-view shift gives NeMo's scores and gradients bit for bit (both only move numbers)."""
+    from nemo_layerfx.attention import rel_shift
+
+    torch.manual_seed(t1)
+    x = torch.randn(3, 2, t1, 2 * t1 - 1, requires_grad=True)
+    g = torch.randn(3, 2, t1, t1)
+    ours = rel_shift(x)
+    (ours * g).sum().backward()
+    grad_ours, x.grad = x.grad.clone(), None
+    nemo = RelPositionMultiHeadAttention.rel_shift(None, x)[..., :t1]
+    (nemo * g).sum().backward()
+    assert ours.shape == (3, 2, t1, t1)
+    assert torch.equal(ours, nemo) and torch.equal(grad_ours, x.grad)
+    # a shape the view does not cover (a streaming cache: P != 2 T1 - 1) takes NeMo's padded route
+    y = torch.randn(2, 2, t1, 2 * t1 + 3)
+    assert torch.equal(rel_shift(y), RelPositionMultiHeadAttention.rel_shift(None, y))
+
+
+def test_encoder_attention_uses_the_view_shift_and_matches_nemos():
+    """Every relative-position attention of our encoder shifts by the view; the encoder's outputs and gradients equal
+    those computed with NeMo's own ``rel_shift`` on a padded batch."""
+    from nemo_layerfx.attention import rel_shift
+    from nemo_layerfx.encoder import GroupNormConformerEncoder
+
+    torch.manual_seed(0)
+    enc = GroupNormConformerEncoder(feat_in=16, n_layers=2, d_model=32, n_heads=4, conv_kernel_size=5,
+                                    subsampling_conv_channels=8, dropout=0.0, dropout_att=0.0, dropout_pre_encoder=0.0,
+                                    dropout_emb=0.0, layer_n_heads=[4, 2])
+    assert all(layer.self_attn.rel_shift is rel_shift for layer in enc.layers)
+    feats, lengths = torch.randn(3, 16, 61), torch.tensor([61, 40, 23])
+
+    def run():
+        enc.zero_grad(set_to_none=True)
+        out, out_len = enc(audio_signal=feats, length=lengths)
+        (out.sin() * (torch.arange(out.shape[-1]) < out_len[:, None, None])).sum().backward()
+        return out.detach(), [p.grad.clone() for p in enc.parameters()]
+
+    out, grads = run()
+    for layer in enc.layers:
+        del layer.self_attn.rel_shift  # back to NeMo's method
+    ref_out, ref_grads = run()
+    assert torch.equal(out, ref_out)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
