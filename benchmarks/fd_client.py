@@ -8,7 +8,8 @@ a CPU a short-utterance step is bound by the per-operator cost that both models 
 mean is 12 s). The sentences corpus is synthesized offline into a temporary folder unless ``--sentences`` names
 one. Writes results/fd_client_cpu[_front<W>].{json,md}. Federated dropout shrinks the Conformer layers only
 (d_model is fixed), so the ratios also depend on how much of the model sits outside them:
-``--subsampling-channels -1`` measures NeMo's full-width front end.
+``--subsampling-channels -1`` measures NeMo's full-width front end. A third model in the same rounds, keeping 5 % of
+every layer's units, measures what no dropout rate removes, and the step ratio those fixed costs leave reachable.
 
 A second comparison asks what a client whose memory is set by the full model gains from a smaller model: one SGD
 step over twice the batch, which the full model takes as two accumulated passes and the submodel in one pass where
@@ -47,6 +48,15 @@ def payload_bytes(model) -> int:
         return ArrayRecord(model.state_dict()).count_bytes()
     except ImportError:  # same tensors, without Flower's small per-array header
         return sum(v.numel() * v.element_size() for v in model.state_dict().values())
+
+
+FLOOR_RATE = 0.95  # the floor model keeps 5 % of every layer's FFN units, heads and conv groups
+
+
+def linear_estimate(floor_ratio: float, rate: float) -> float:
+    """The step-time ratio at ``rate`` if time were linear in the kept width between the floor model's (kept share
+    1 - FLOOR_RATE) and the full model's: what the fixed costs leave reachable without making them smaller."""
+    return floor_ratio + (1 - floor_ratio) * ((1 - rate) - (1 - FLOOR_RATE)) / FLOOR_RATE
 
 
 def accumulation_error(model, audio, lengths, texts, micro_batches: int) -> dict[str, float]:
@@ -101,12 +111,16 @@ def main() -> None:
     full = EncDecCTCModelBPE(cfg=cfg.model)
     plan = DropoutPlan.flat(args.layers, args.rate, kinds=("ffn", "head", "conv"))
     sub, _ = extract(full, plan, seed=0)
+    # what no dropout rate removes: the front end, norms, residual stream, loss, per-operator cost (keep 5 %)
+    floor, _ = extract(full, DropoutPlan.flat(args.layers, FLOOR_RATE, kinds=("ffn", "head", "conv")), seed=0)
     batches, tmp = length_batches(args.corpus, args.sentences, args.batch, args.joined_seconds)
     doubled, _ = length_batches(args.corpus, tmp.name if tmp else args.sentences, 2 * args.batch, args.joined_seconds)
     settings, memory = {}, {}
     for name, (audio, lengths, texts) in batches.items():
         times = time_interleaved({"full": ctc_step(full, audio, lengths, texts),
-                                  "sub": ctc_step(sub, audio, lengths, texts)}, args.rounds)
+                                  "sub": ctc_step(sub, audio, lengths, texts),
+                                  "floor": ctc_step(floor, audio, lengths, texts)}, args.rounds)
+        floor_ratio = median_ratio(times["floor"], times["full"])
         a2, l2, t2 = doubled[name]
         half = int(l2[: args.batch].max())  # the full model's first pass, padded as ctc_step's passes pad it
         memory[name] = {"full, batch": training_memory(full, a2[: args.batch, :half], l2[: args.batch],
@@ -120,14 +134,15 @@ def main() -> None:
             "mean_seconds": round(float(lengths.float().mean()) / 16000, 2),
             "step_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
             "ratio": median_ratio(times["sub"], times["full"]),
+            "floor_ratio": floor_ratio, "linear_estimate": linear_estimate(floor_ratio, args.rate),
             "equal_memory": {"step_s": times2, "ratio": median_ratio(times2["sub"], times2["full"]),
                              "sub_passes": sub_passes,
                              "memory_bytes": memory[name],
                              "memory_ratio": (memory[name]["sub, 2x batch"]["total"]
                                               / memory[name]["full, batch"]["total"]),
                              "accumulation_error": accumulation_error(sub, a2, l2, t2, 2)}}
-        print(name, settings[name]["mean_seconds"], "s:", round(settings[name]["ratio"], 3), "equal memory:",
-              round(settings[name]["equal_memory"]["ratio"], 3), flush=True)
+        print(name, settings[name]["mean_seconds"], "s:", round(settings[name]["ratio"], 3), "floor:",
+              round(floor_ratio, 3), "equal memory:", round(settings[name]["equal_memory"]["ratio"], 3), flush=True)
     if tmp is not None:
         tmp.cleanup()
     params = {"full": count_params(full), "sub": count_params(sub)}
@@ -162,6 +177,16 @@ def main() -> None:
     lines += ["", f"Encoder-layer parameters alone: {ratio['encoder_layer_params']:.3f} of the full model's (the "
               f"subsampling front end, norms and decoder keep their size). Targets met: "
               + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".", "",
+              "## What the fixed costs leave reachable", "",
+              f"In the same rounds, a floor model keeping {1 - FLOOR_RATE:.0%} of every layer's units steps in the "
+              f"time below (relative to the full model): what no dropout rate removes (front end, norms, the "
+              f"d_model-wide residual stream, loss, optimizer on the kept-size parameters, per-operator cost). If the "
+              f"rest of the step shrank in proportion to the kept width, rate {args.rate} would step at the "
+              f"linear estimate.", "",
+              "| length | floor / full | linear estimate at this rate | measured submodel |", "|---|---|---|---|"]
+    for k, v in settings.items():
+        lines.append(f"| {k} | {v['floor_ratio']:.3f} | {v['linear_estimate']:.3f} | {v['ratio']:.3f} |")
+    lines += ["",
               f"## One SGD step over {2 * args.batch} utterances at the full model's memory", "",
               f"The full model takes the step as 2 accumulated passes of {args.batch} (the memory of one pass of "
               f"{args.batch} sets the device's budget). The submodel takes it in one pass of {2 * args.batch} where "

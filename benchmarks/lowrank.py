@@ -6,6 +6,8 @@ batches of 1-s commands, ~2-s sentences and ~9-s joined utterances: the training
 AdamW) and encoder inference, the two models interleaved (median of per-round ratios); the FLOPs of a training
 step (torch's FlopCounterMode: matmuls and convolutions), whose ratio is the speed-up a purely compute-bound step
 would get; and the memory a training step holds (parameters, gradients, Adam state, tensors saved for backward).
+A third model with every factorized linear at rank 1, timed in the same rounds, measures the part of the step that
+low rank leaves, and so the speed-up bounds it sets (Amdahl).
 Writes results/lowrank_<device>.{json,md}.
 
     python benchmarks/lowrank.py --corpus data/commands
@@ -64,26 +66,38 @@ def main() -> None:
     spec = LowRankConfig(att=parse_spec(args.att), ffn=parse_spec(args.ffn)).to_dict()
     models = {"full": build(args, None).to(args.device), "lowrank": build(args, spec).to(args.device)}
     params = {k: {"encoder": count_params(m.encoder), "model": count_params(m)} for k, m in models.items()}
+    # what low rank cannot remove: every factorized linear at rank 1 leaves the rest of the step
+    ones = {"ranks": [1] * args.layers}
+    floor = build(args, LowRankConfig(att=ones, ffn=ones).to_dict()).to(args.device)
     batches, tmp = length_batches(args.corpus, args.sentences, args.batch, args.joined_seconds)
     settings = {}
     for name, (audio, lengths, texts) in batches.items():
         audio, lengths = audio.to(args.device), lengths.to(args.device)
-        train = time_interleaved({k: ctc_step(m, audio, lengths, texts, "adamw") for k, m in models.items()},
-                                 args.rounds)
+        train = time_interleaved({k: ctc_step(m, audio, lengths, texts, "adamw")
+                                  for k, m in {**models, "rank1": floor}.items()}, args.rounds)
         infer = time_interleaved({k: encoder_forward(m, audio, lengths) for k, m in models.items()}, args.rounds)
-        flops = {k: step_flops(m, audio, lengths, texts) for k, m in models.items()}
+        flops = {k: step_flops(m, audio, lengths, texts) for k, m in {**models, "rank1": floor}.items()}
         memory = {k: training_memory(m, audio, lengths, texts) for k, m in models.items()}
         speedup = median_ratio(train["full"], train["lowrank"])
         flop_limit = flops["full"] / flops["lowrank"]
+        t = {k: statistics.median(v) for k, v in train.items()}
+        # Amdahl: the rank-1 step is what the factorized linears leave; the linears' share is full - rank1
+        lin_flops = (flops["lowrank"] - flops["rank1"]) / (flops["full"] - flops["rank1"])
+        bounds = {"linears_free": median_ratio(train["full"], train["rank1"]),
+                  "linears_at_dense_efficiency": t["full"] / (t["rank1"] + (t["full"] - t["rank1"]) * lin_flops),
+                  "linear_speedup": (t["full"] - t["rank1"]) / (t["lowrank"] - t["rank1"]),
+                  "linear_flop_ratio": 1 / lin_flops, "rest_share": t["rank1"] / t["full"]}
         settings[name] = {
             "mean_seconds": round(float(lengths.float().mean()) / 16000, 2),
-            "train_step_s": {k: statistics.median(v) for k, v in train.items()}, "train_speedup": speedup,
+            "train_step_s": t, "train_speedup": speedup, "amdahl": bounds,
             "inference_s": {k: statistics.median(v) for k, v in infer.items()},
             "inference_speedup": median_ratio(infer["full"], infer["lowrank"]),
             "step_flops": flops, "flop_limited_speedup": flop_limit, "share_of_flop_limit": speedup / flop_limit,
             "training_memory_bytes": memory, "memory_ratio": memory["lowrank"]["total"] / memory["full"]["total"],
             "raw": {"train": train, "inference": infer}}
-        print(f"{name}: train {speedup:.2f}x (FLOP limit {flop_limit:.2f}x), inference "
+        print(f"{name}: train {speedup:.2f}x (FLOP limit {flop_limit:.2f}x, linears free "
+              f"{bounds['linears_free']:.2f}x, at dense efficiency {bounds['linears_at_dense_efficiency']:.2f}x), "
+              f"inference "
               f"{settings[name]['inference_speedup']:.2f}x, memory {settings[name]['memory_ratio']:.3f}", flush=True)
     if tmp is not None:
         tmp.cleanup()
@@ -119,6 +133,18 @@ def main() -> None:
                      f"{v['train_step_s']['lowrank']:.3f} | {v['train_speedup']:.2f}x | "
                      f"{v['flop_limited_speedup']:.2f}x | {v['share_of_flop_limit']:.0%} | "
                      f"{v['inference_speedup']:.2f}x | {v['memory_ratio']:.3f} |")
+    lines += ["", "What low rank cannot remove, measured in the same rounds: a third model with every factorized "
+              "linear at rank 1 (the rest of the step: front end, conv modules, attention scores, norms, "
+              "element-wise work, per-operator cost). Speed-up bounds: if the factorized linears cost nothing "
+              "(full / rank-1 step), and if they ran at the dense linears' time per FLOP (the rank-1 step plus the "
+              "dense linears' time scaled by the FLOP ratio of the linears).", "",
+              "| batch | rest of the step (rank-1 / full) | linears: FLOP ratio / time ratio | bound, linears free | "
+              "bound, linears at dense efficiency | measured |", "|---|---|---|---|---|---|"]
+    for k, v in settings.items():
+        b = v["amdahl"]
+        lines.append(f"| {k} | {b['rest_share']:.2f} | {b['linear_flop_ratio']:.2f}x / {b['linear_speedup']:.2f}x "
+                     f"| {b['linears_free']:.2f}x | {b['linears_at_dense_efficiency']:.2f}x | "
+                     f"{v['train_speedup']:.2f}x |")
     lines += ["", "Targets met: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".",
               "", "FLOP-limited speed-up: FLOPs of the full step / FLOPs of the low-rank step (what a purely "
               "compute-bound step would gain). Training memory: parameters + gradients + Adam moments + tensors "
