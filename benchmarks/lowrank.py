@@ -68,15 +68,15 @@ def main() -> None:
     params = {k: {"encoder": count_params(m.encoder), "model": count_params(m)} for k, m in models.items()}
     # what low rank cannot remove: every factorized linear at rank 1 leaves the rest of the step
     ones = {"ranks": [1] * args.layers}
-    floor = build(args, LowRankConfig(att=ones, ffn=ones).to_dict()).to(args.device)
+    timed = {**models, "rank1": build(args, LowRankConfig(att=ones, ffn=ones).to_dict()).to(args.device)}
     batches, tmp = length_batches(args.corpus, args.sentences, args.batch, args.joined_seconds)
     settings = {}
     for name, (audio, lengths, texts) in batches.items():
         audio, lengths = audio.to(args.device), lengths.to(args.device)
-        train = time_interleaved({k: ctc_step(m, audio, lengths, texts, "adamw")
-                                  for k, m in {**models, "rank1": floor}.items()}, args.rounds)
+        train = time_interleaved({k: ctc_step(m, audio, lengths, texts, "adamw") for k, m in timed.items()},
+                                 args.rounds)
         infer = time_interleaved({k: encoder_forward(m, audio, lengths) for k, m in models.items()}, args.rounds)
-        flops = {k: step_flops(m, audio, lengths, texts) for k, m in {**models, "rank1": floor}.items()}
+        flops = {k: step_flops(m, audio, lengths, texts) for k, m in timed.items()}
         memory = {k: training_memory(m, audio, lengths, texts) for k, m in models.items()}
         speedup = median_ratio(train["full"], train["lowrank"])
         flop_limit = flops["full"] / flops["lowrank"]

@@ -112,7 +112,7 @@ def main() -> None:
         settings[name] = {"mean_seconds": round(float(lengths.float().mean()) / 16000, 2),
                           "train_step_s": {k: statistics.median(v) for k, v in train.items()},
                           "gated_step_ratio": median_ratio(train["gated"], train["dense"]),
-                          "inference_s": {k: statistics.median(v) for k, v in infer.items()},
+                          "inference_s": t,
                           "inference_speedup": median_ratio(infer["dense"], infer["pruned"]),
                           "floor_speedup": median_ratio(infer["dense"], infer["floor"]), "linear_estimate": linear,
                           "raw": {"train": train, "inference": infer}}

@@ -11,7 +11,8 @@ from nemo.collections.asr.parts.submodules.multi_head_attention import (
     RelPositionalEncoding,
 )
 
-from nemo_layerfx.attention import RaggedMultiHeadAttention
+from nemo_layerfx.attention import RaggedMultiHeadAttention, rel_shift
+from nemo_layerfx.encoder import GroupNormConformerEncoder
 
 D, H = 32, 4
 DK = D // H
@@ -102,8 +103,6 @@ def test_ragged_attention_gradients_reach_the_kept_dimensions_only_once():
 @pytest.mark.parametrize("t1", [1, 2, 7, 30])
 def test_rel_shift_view_equals_nemos_padded_shift_values_and_gradients(t1):
     """The strided-view shift gives NeMo's scores and gradients bit for bit (both only move numbers)."""
-    from nemo_layerfx.attention import rel_shift
-
     torch.manual_seed(t1)
     x = torch.randn(3, 2, t1, 2 * t1 - 1, requires_grad=True)
     g = torch.randn(3, 2, t1, t1)
@@ -122,9 +121,6 @@ def test_rel_shift_view_equals_nemos_padded_shift_values_and_gradients(t1):
 def test_encoder_attention_uses_the_view_shift_and_matches_nemos():
     """Every relative-position attention of our encoder shifts by the view; the encoder's outputs and gradients equal
     those computed with NeMo's own ``rel_shift`` on a padded batch."""
-    from nemo_layerfx.attention import rel_shift
-    from nemo_layerfx.encoder import GroupNormConformerEncoder
-
     torch.manual_seed(0)
     enc = GroupNormConformerEncoder(feat_in=16, n_layers=2, d_model=32, n_heads=4, conv_kernel_size=5,
                                     subsampling_conv_channels=8, dropout=0.0, dropout_att=0.0, dropout_pre_encoder=0.0,
