@@ -138,6 +138,31 @@ def encoder_forward(model, audio, lengths) -> Callable[[], None]:
     return forward
 
 
+def encoder_only(model, audio, lengths) -> Callable[[], None]:
+    """Inference of the encoder alone, eval mode, no gradients: the features are computed once, outside the timed
+    call (the preprocessor is the same for every model a benchmark compares; time it with ``preprocessor_only``)."""
+    model.eval()
+    with torch.no_grad():
+        feats, flen = model.preprocessor(input_signal=audio, length=lengths)
+
+    @torch.no_grad()
+    def forward() -> None:
+        model.encoder(audio_signal=feats, length=flen)
+
+    return forward
+
+
+def preprocessor_only(model, audio, lengths) -> Callable[[], None]:
+    """The mel-spectrogram preprocessor alone (eval mode, no gradients)."""
+    model.eval()
+
+    @torch.no_grad()
+    def forward() -> None:
+        model.preprocessor(input_signal=audio, length=lengths)
+
+    return forward
+
+
 def step_flops(model, audio, lengths, texts) -> int:
     """Floating-point operations (matmuls and convolutions, as torch's FlopCounterMode counts) of one training
     step's forward and backward."""

@@ -44,6 +44,8 @@ from nemo_layerfx.train import compose_config, model_class, train
 BASELINES = ("shallow", "narrow", "narrowffn", "nomacaron")
 SIZED = BASELINES[:3]  # NoMacaron's size is fixed: one arm serves both ADL variants
 ARMS = ("dense", "adl", "adl_settled", *BASELINES, *(f"{b}_settled" for b in SIZED))
+DEFAULT_ALPHA, DEFAULT_GAMMA = 1e-7, 1e-5  # Kubo's α and L2 weight γ (AdaptiveDropoutConfig)
+DEFAULT_K_SHARE = 0.7
 STEPS_PER_EPOCH = 48  # 764 training utterances of the command corpus in batches of 16
 
 
@@ -89,13 +91,24 @@ def steps(args: argparse.Namespace) -> int:
     return getattr(args, "max_steps", None) or args.epochs * STEPS_PER_EPOCH
 
 
-def runs_dir(args: argparse.Namespace, out: Path) -> Path:
-    """Where the study's runs live; ``args.tag`` (if any) keeps a smaller model's runs apart."""
-    return out / "runs" / f"adaptive_dropout_L{args.layers}{getattr(args, 'tag', '')}"
+def variant(args: argparse.Namespace) -> str:
+    """'' for the paper's α and γ and the study's K share, else a suffix naming what differs ('_g3e-05',
+    '_k0.5_a0.0001_g0.01'): it keeps the runs of the gated arms and of the baselines sized to them apart."""
+    k, alpha, gamma = (getattr(args, "k_share", DEFAULT_K_SHARE), getattr(args, "alpha", DEFAULT_ALPHA),
+                       getattr(args, "gamma", DEFAULT_GAMMA))
+    return "".join(f"_{name}{v:g}" for name, v, default in
+                   (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA)) if v != default)
+
+
+def runs_dir(args: argparse.Namespace, out: Path, arm: str = "") -> Path:
+    """Where the study's runs live; ``args.tag`` (if any) keeps a smaller model's runs apart. The dense arm does not
+    depend on the gates, so every γ variant shares the paper's γ's dense runs."""
+    suffix = "" if arm == "dense" else variant(args)
+    return out / "runs" / f"adaptive_dropout_L{args.layers}{getattr(args, 'tag', '')}{suffix}"
 
 
 def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
-    run = runs_dir(args, out) / f"{arm}_seed{seed}"
+    run = runs_dir(args, out, arm) / f"{arm}_seed{seed}"
     if (run / "result.json").is_file():
         return json.loads((run / "result.json").read_text())
     run.mkdir(parents=True, exist_ok=True)
@@ -106,6 +119,8 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
         k = max(1, round(args.k_share * steps(args)))
         preset = "conformer_gn_adaptive_dropout_tiny"
         extra = [f"model.encoder.adaptive_dropout.steps={k}",
+                 f"+model.encoder.adaptive_dropout.alpha={getattr(args, 'alpha', DEFAULT_ALPHA)}",
+                 f"+model.encoder.adaptive_dropout.gamma={getattr(args, 'gamma', DEFAULT_GAMMA)}",
                  f"trainer.callbacks=[{{_target_: nemo_layerfx.pruning.AdaptiveDropout, out_dir: '{run}'}}]"]
         if arm == "adl_settled":
             extra.append("+model.encoder.adaptive_dropout.settle_after_k=true")
@@ -139,11 +154,15 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
 
 def summarize(args: argparse.Namespace, out: Path) -> str:
     by, seeds = finished_runs(runs_dir(args, out), ARMS)
+    if variant(args):  # the dense runs live with the paper's γ
+        by["dense"] = finished_runs(runs_dir(args, out, "dense"), ["dense"])[0]["dense"]
+        seeds = sorted(set(seeds) | set(by["dense"]))
     n_dev, n_test = split_sizes(args.corpus)
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "
-             f"gates on FFN units, query/key and value dims per head and conv groups, K = {args.k_share:.0%} of the "
+             f"gates on FFN units, query/key and value dims per head and conv groups, α = "
+             f"{getattr(args, 'alpha', DEFAULT_ALPHA):g}, γ = {getattr(args, 'gamma', DEFAULT_GAMMA):g}, K = {args.k_share:.0%} of the "
              "steps, pruned without fine-tuning; `adl_settled` trains the eval-mask subnetwork after K. Baselines "
              "sized to the pruned `adl` model of the same seed (`*_settled`: to `adl_settled`). WER: greedy; dev "
              f"{n_dev} utterances, test {n_test}. ± is the standard deviation over seeds.", "",
@@ -181,7 +200,7 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
             lines += ["", f"Rank correlation of a layer's mean surviving share with its re-rand ΔWER in the dense "
                       f"model (per seed): {' '.join(f'{r:+.2f}' for r in rho)}"]
     text = "\n".join(lines) + "\n"
-    name = f"adaptive_dropout_L{args.layers}{getattr(args, 'tag', '')}"
+    name = f"adaptive_dropout_L{args.layers}{getattr(args, 'tag', '')}{variant(args)}"
     (out / f"{name}.md").write_text(text)
     (out / f"{name}.json").write_text(json.dumps(by, indent=1) + "\n")
     return text
@@ -198,7 +217,10 @@ def main() -> None:
     p.add_argument("--corpus", required=True)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--k-share", type=float, default=0.7, help="K as a share of the run's optimizer steps")
+    p.add_argument("--k-share", type=float, default=DEFAULT_K_SHARE, help="K as a share of the run's optimizer steps")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the gates' regularizer weight α")
+    p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA,
+                   help="the gates' L2 weight γ; another α or γ keeps its runs apart")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--summarize", action="store_true")

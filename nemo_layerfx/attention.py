@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL
 from nemo.utils import avoid_float16_autocast_context
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -68,27 +69,38 @@ class RaggedMultiHeadAttention(nn.Module):
             self.pos_bias_u = nn.Parameter(torch.zeros(nq))
             self.pos_bias_v = nn.Parameter(torch.zeros(nq))
         self.max_qk, self.max_v = max(self.qk_dims), max(self.v_dims)
+        # Where each head's dimensions sit when every head is padded to the widest: index nq / nv is a zero row
+        self.register_buffer("qk_index", self._padded_index(self.qk_dims, self.max_qk), persistent=False)
+        self.register_buffer("v_index", self._padded_index(self.v_dims, self.max_v), persistent=False)
 
-    def _pad(self, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """(..., T, Σ dims) -> (..., H, T, widest): every head's dimensions, zero-padded, so that one batched matmul
-        serves all heads (the padding adds exact zeros to every dot product). Heads are contiguous slices, so this is
-        H strided copies (a view when every head has the same width), not an indexed scatter, which costs far more
-        on CPU."""
-        dims, width = (self.qk_dims, self.max_qk) if kind == "qk" else (self.v_dims, self.max_v)
+    @staticmethod
+    def _padded_index(dims: list[int], width: int) -> torch.Tensor | None:
+        """(H * widest,) the source row of every padded head dimension (``sum(dims)``: a zero), or None when every
+        head has the widest width (nothing to pad)."""
         if all(d == width for d in dims):
-            return x.unflatten(-1, (self.h, width)).transpose(-3, -2)
-        out = x.new_zeros(*x.shape[:-1], self.h, width)
-        start = 0
-        for h, d in enumerate(dims):
-            out[..., h, :d] = x[..., start:start + d]
+            return None
+        zero, start, index = sum(dims), 0, []
+        for d in dims:
+            index += list(range(start, start + d)) + [zero] * (width - d)
             start += d
-        return out.transpose(-3, -2)
+        return torch.tensor(index, dtype=torch.long)
 
-    def _unpad(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, T, H, widest v) -> (B, T, Σ v): the inverse of ``_pad`` for the attention output."""
-        if all(d == self.max_v for d in self.v_dims):
-            return out.flatten(-2)
-        return torch.cat([out[..., h, :d] for h, d in enumerate(self.v_dims)], dim=-1)
+    @staticmethod
+    def _pad_rows(t: torch.Tensor | None, index: torch.Tensor | None) -> torch.Tensor | None:
+        """A weight's rows (or a bias's entries) laid out for heads padded to the widest, the padding zeros.
+
+        Padding the weights, not the activations: the projections then come out already padded, one (H x widest)
+        view serves one batched matmul for all heads, and the padding adds exact zeros to every dot product. The
+        weights are far smaller than the activations they would otherwise copy head by head (and stay small on
+        long utterances), and autograd carries the gradient back to the kept rows."""
+        if t is None or index is None:
+            return t
+        return torch.cat([t, t.new_zeros(1, *t.shape[1:])]).index_select(0, index)
+
+    def _project(self, linear: nn.Linear, x: torch.Tensor, index: torch.Tensor | None, width: int) -> torch.Tensor:
+        """(B, T, D) -> (B, H, T, widest): a projection's heads, each zero-padded to the widest."""
+        y = F.linear(x, self._pad_rows(linear.weight, index), self._pad_rows(linear.bias, index))
+        return y.unflatten(-1, (self.h, width)).transpose(1, 2)
 
     rel_shift = staticmethod(rel_shift)
 
@@ -99,15 +111,15 @@ class RaggedMultiHeadAttention(nn.Module):
         if torch.is_autocast_enabled():
             query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
         with avoid_float16_autocast_context():
-            q = self._pad(self.linear_q(query), "qk")  # (B, H, T1, widest qk)
-            k = self._pad(self.linear_k(key), "qk")  # (B, H, T2, widest qk)
-            v = self._pad(self.linear_v(value), "v")  # (B, H, T2, widest v)
+            q = self._project(self.linear_q, query, self.qk_index, self.max_qk)  # (B, H, T1, widest qk)
+            k = self._project(self.linear_k, key, self.qk_index, self.max_qk)  # (B, H, T2, widest qk)
+            v = self._project(self.linear_v, value, self.v_index, self.max_v)  # (B, H, T2, widest v)
             if self.rel_pos:
-                p = self._pad(self.linear_pos(pos_emb), "qk")  # (1, H, P, widest qk)
-                u = self._pad(self.pos_bias_u.unsqueeze(0), "qk").squeeze(-2)  # (H, widest qk)
-                w = self._pad(self.pos_bias_v.unsqueeze(0), "qk").squeeze(-2)
-                ac = (q + u.unsqueeze(1)) @ k.transpose(-2, -1)  # (B, H, T1, T2)
-                bd = self.rel_shift((q + w.unsqueeze(1)) @ p.transpose(-2, -1))[:, :, :, : ac.size(-1)]
+                p = self._project(self.linear_pos, pos_emb, self.qk_index, self.max_qk)  # (1, H, P, widest qk)
+                u = self._pad_rows(self.pos_bias_u, self.qk_index).view(self.h, 1, self.max_qk)
+                w = self._pad_rows(self.pos_bias_v, self.qk_index).view(self.h, 1, self.max_qk)
+                ac = (q + u) @ k.transpose(-2, -1)  # (B, H, T1, T2)
+                bd = self.rel_shift((q + w) @ p.transpose(-2, -1))[:, :, :, : ac.size(-1)]
                 scores = (ac + bd) / self.s_d_k
             else:
                 scores = q @ k.transpose(-2, -1) / self.s_d_k
@@ -118,5 +130,8 @@ class RaggedMultiHeadAttention(nn.Module):
             else:
                 attn = torch.softmax(scores, dim=-1)
             attn = self.dropout(attn)  # (B, H, T1, T2)
-            out = (attn @ v).transpose(1, 2)  # (B, T1, H, widest v)
-            return self.linear_out(self._unpad(out))  # (B, T1, Σ v) -> (B, T1, D)
+            out = (attn @ v).transpose(1, 2).flatten(2)  # (B, T1, H x widest v)
+            weight = self.linear_out.weight  # (D, Σ v): its columns padded like the values
+            if self.v_index is not None:
+                weight = self._pad_rows(weight.t(), self.v_index).t()
+            return F.linear(out, weight, self.linear_out.bias)  # (B, T1, D)
