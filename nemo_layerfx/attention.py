@@ -97,10 +97,38 @@ class RaggedMultiHeadAttention(nn.Module):
             return t
         return torch.cat([t, t.new_zeros(1, *t.shape[1:])]).index_select(0, index)
 
-    def _project(self, linear: nn.Linear, x: torch.Tensor, index: torch.Tensor | None, width: int) -> torch.Tensor:
+    def _padded_weights(self) -> dict[str, torch.Tensor | None]:
+        """Every projection's weight and bias, and the position biases, padded per head (``_pad_rows``); the output
+        projection's weight with its columns padded like the values.
+
+        Without gradients (inference) they are computed once and kept until a parameter changes (its storage,
+        version or device), so a pruned model's inference pays nothing for the padding; with gradients enabled they
+        are recomputed every forward, so that autograd reaches the parameters."""
+        params = list(self.parameters())
+        cache = not torch.is_grad_enabled()
+        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
+        kept = self.__dict__.get("_padded_cache")
+        if cache and kept is not None and kept[0] == key:
+            return kept[1]
+        qk, v = self.qk_index, self.v_index
+        out = {}
+        for name, index in (("q", qk), ("k", qk), ("v", v)) + ((("pos", qk),) if self.rel_pos else ()):
+            linear = getattr(self, f"linear_{name}")
+            out[name] = (self._pad_rows(linear.weight, index), self._pad_rows(linear.bias, index))
+        if self.rel_pos:
+            out["u"] = self._pad_rows(self.pos_bias_u, qk).view(self.h, 1, self.max_qk)
+            out["w"] = self._pad_rows(self.pos_bias_v, qk).view(self.h, 1, self.max_qk)
+        weight = self.linear_out.weight  # (D, Σ v)
+        out["out"] = weight if v is None else self._pad_rows(weight.t(), v).t().contiguous()
+        if cache:
+            self.__dict__["_padded_cache"] = (key, out)
+        else:
+            self.__dict__.pop("_padded_cache", None)
+        return out
+
+    def _project(self, weights: tuple, x: torch.Tensor, width: int) -> torch.Tensor:
         """(B, T, D) -> (B, H, T, widest): a projection's heads, each zero-padded to the widest."""
-        y = F.linear(x, self._pad_rows(linear.weight, index), self._pad_rows(linear.bias, index))
-        return y.unflatten(-1, (self.h, width)).transpose(1, 2)
+        return F.linear(x, *weights).unflatten(-1, (self.h, width)).transpose(1, 2)
 
     rel_shift = staticmethod(rel_shift)
 
@@ -111,13 +139,13 @@ class RaggedMultiHeadAttention(nn.Module):
         if torch.is_autocast_enabled():
             query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
         with avoid_float16_autocast_context():
-            q = self._project(self.linear_q, query, self.qk_index, self.max_qk)  # (B, H, T1, widest qk)
-            k = self._project(self.linear_k, key, self.qk_index, self.max_qk)  # (B, H, T2, widest qk)
-            v = self._project(self.linear_v, value, self.v_index, self.max_v)  # (B, H, T2, widest v)
+            pw = self._padded_weights()
+            q = self._project(pw["q"], query, self.max_qk)  # (B, H, T1, widest qk)
+            k = self._project(pw["k"], key, self.max_qk)  # (B, H, T2, widest qk)
+            v = self._project(pw["v"], value, self.max_v)  # (B, H, T2, widest v)
             if self.rel_pos:
-                p = self._project(self.linear_pos, pos_emb, self.qk_index, self.max_qk)  # (1, H, P, widest qk)
-                u = self._pad_rows(self.pos_bias_u, self.qk_index).view(self.h, 1, self.max_qk)
-                w = self._pad_rows(self.pos_bias_v, self.qk_index).view(self.h, 1, self.max_qk)
+                p = self._project(pw["pos"], pos_emb, self.max_qk)  # (1, H, P, widest qk)
+                u, w = pw["u"], pw["w"]  # (H, 1, widest qk)
                 ac = (q + u) @ k.transpose(-2, -1)  # (B, H, T1, T2)
                 bd = self.rel_shift((q + w) @ p.transpose(-2, -1))[:, :, :, : ac.size(-1)]
                 scores = (ac + bd) / self.s_d_k
@@ -131,7 +159,4 @@ class RaggedMultiHeadAttention(nn.Module):
                 attn = torch.softmax(scores, dim=-1)
             attn = self.dropout(attn)  # (B, H, T1, T2)
             out = (attn @ v).transpose(1, 2).flatten(2)  # (B, T1, H x widest v)
-            weight = self.linear_out.weight  # (D, Σ v): its columns padded like the values
-            if self.v_index is not None:
-                weight = self._pad_rows(weight.t(), self.v_index).t()
-            return F.linear(out, weight, self.linear_out.bias)  # (B, T1, D)
+            return F.linear(out, pw["out"], self.linear_out.bias)  # (B, T1, D)

@@ -100,6 +100,26 @@ def test_ragged_attention_gradients_reach_the_kept_dimensions_only_once():
                                atol=1e-5)
 
 
+def test_ragged_attention_inference_cache_follows_parameter_changes():
+    """Without gradients the padded weights are kept between calls; an in-place change of any parameter (an
+    optimizer step, ``load_state_dict``) must not leave a stale copy behind, and a gradient-enabled call must reach
+    the parameters."""
+    qk_dims, v_dims = [8, 2, 5, 1], [1, 8, 3, 6]
+    ref, rag = _pair(qk_dims, v_dims)
+    x, mask, pos_emb, valid = _inputs()
+    with torch.no_grad():
+        rag(x, x, x, mask, pos_emb)  # fills the cache
+        for name in ("linear_q", "linear_v", "linear_out", "linear_pos"):
+            getattr(rag, name).weight.mul_(0.5)
+            getattr(ref, name).weight.mul_(0.5)
+        rag.pos_bias_u.add_(0.25)
+        ref.pos_bias_u.add_(0.25 * (ref.pos_bias_u != 0))  # ref's pruned entries stay zero
+        got, want = rag(x, x, x, mask, pos_emb), ref(x, x, x, mask, pos_emb)
+    torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-5)
+    rag(x, x, x, mask, pos_emb)[valid].sum().backward()
+    assert rag.linear_q.weight.grad is not None and rag.linear_out.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("t1", [1, 2, 7, 30])
 def test_rel_shift_view_equals_nemos_padded_shift_values_and_gradients(t1):
     """The strided-view shift gives NeMo's scores and gradients bit for bit (both only move numbers)."""
