@@ -151,7 +151,8 @@ def main() -> None:
              "|---|---|---|---|---|---|---|"]
     for k, v in settings.items():
         lines.append(f"| {k}, mean {v['mean_seconds']:.1f} s | {v['gated_step_ratio']:.3f} | "
-                     f"{v['inference_speedup']:.2f}x | {v['with_preprocessor_speedup']:.2f}x | {1 / ratio:.2f}x | {v['floor_speedup']:.2f}x | "
+                     f"{v['inference_speedup']:.2f}x | {v['with_preprocessor_speedup']:.2f}x | {1 / ratio:.2f}x | "
+                     f"{v['floor_speedup']:.2f}x | "
                      f"{v['linear_estimate']:.2f}x |")
     lines += ["", "Inference: the encoder alone on features computed beforehand; 'with the preprocessor' adds the "
               "shared mel preprocessor's time of the same round to both models."]

@@ -96,13 +96,13 @@ def variant(args: argparse.Namespace) -> str:
     '_k0.5_a0.0001_g0.01'): it keeps the runs of the gated arms and of the baselines sized to them apart."""
     k, alpha, gamma = (getattr(args, "k_share", DEFAULT_K_SHARE), getattr(args, "alpha", DEFAULT_ALPHA),
                        getattr(args, "gamma", DEFAULT_GAMMA))
-    return "".join(f"_{name}{v:g}" for name, v, default in
-                   (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA)) if v != default)
+    named = (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA))
+    return "".join(f"_{name}{v:g}" for name, v, default in named if v != default)
 
 
 def runs_dir(args: argparse.Namespace, out: Path, arm: str = "") -> Path:
     """Where the study's runs live; ``args.tag`` (if any) keeps a smaller model's runs apart. The dense arm does not
-    depend on the gates, so every γ variant shares the paper's γ's dense runs."""
+    depend on the gates, so every variant (``variant``) shares the dense runs of the paper's settings."""
     suffix = "" if arm == "dense" else variant(args)
     return out / "runs" / f"adaptive_dropout_L{args.layers}{getattr(args, 'tag', '')}{suffix}"
 
@@ -162,18 +162,19 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "
              f"gates on FFN units, query/key and value dims per head and conv groups, α = "
-             f"{getattr(args, 'alpha', DEFAULT_ALPHA):g}, γ = {getattr(args, 'gamma', DEFAULT_GAMMA):g}, K = {args.k_share:.0%} of the "
-             "steps, pruned without fine-tuning; `adl_settled` trains the eval-mask subnetwork after K. Baselines "
-             "sized to the pruned `adl` model of the same seed (`*_settled`: to `adl_settled`). WER: greedy; dev "
-             f"{n_dev} utterances, test {n_test}. ± is the standard deviation over seeds.", "",
+             f"{getattr(args, 'alpha', DEFAULT_ALPHA):g}, γ = {getattr(args, 'gamma', DEFAULT_GAMMA):g}, "
+             f"K = {args.k_share:.0%} of the steps, pruned without fine-tuning; `adl_settled` trains the eval-mask "
+             "subnetwork after K. Baselines sized to the pruned `adl` model of the same seed (`*_settled`: to "
+             f"`adl_settled`). WER: greedy; dev {n_dev} utterances, test {n_test}. ± is the standard deviation over "
+             "seeds.", "",
              "| arm | parameters | dev WER | test WER |", "|---|---|---|---|"]
     for arm, rs in by.items():
         if rs:
             rs = list(rs.values())
             lines.append(f"| {arm} | {mean_sd([r['params'] for r in rs], ',.0f')} | "
                          f"{mean_sd([r['dev_wer'] for r in rs])} | {mean_sd([r['test_wer'] for r in rs])} |")
-    lines += ["", "Paired within seed (test WER unless marked **dev**; arm − reference; negative favours the arm):", "",
-              "| comparison | mean ± sd | per seed |", "|---|---|---|"]
+    lines += ["", "Paired within seed (test WER unless marked **dev**; arm − reference; negative favours the arm):",
+              "", "| comparison | mean ± sd | per seed |", "|---|---|---|"]
     pairs = [("adl", "dense"), ("adl_settled", "dense"), ("adl_settled", "adl"),
              *(("adl", b) for b in BASELINES), *(("adl_settled", f"{b}_settled") for b in SIZED),
              ("adl_settled", "nomacaron")]

@@ -17,9 +17,9 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL
 from nemo.utils import avoid_float16_autocast_context
-import torch.nn.functional as F
 from torch import nn
 
 
