@@ -15,9 +15,12 @@ Per seed, all on the offline corpus with the tiny preset at ``--layers`` layers 
   ``adl_settled`` instead.
 
 Finished runs are kept (``result.json``) and skipped, so a stopped study resumes; ``--summarize`` rewrites the
-tables only.
+tables only. Variants of the schedule (``--k-share``, ``--alpha``, ``--gamma``) keep the gated arms' runs in their
+own folder and share the dense runs; ``--tag`` keeps every arm apart (another ``--epochs``).
 
     python experiments/adaptive_dropout.py --corpus data/commands --layers 8 --seeds 0 1
+    python experiments/adaptive_dropout.py --corpus data/commands --layers 8 --seeds 0 1 2 --k-share 0.85 \
+        --arms adl_settled
 """
 
 from __future__ import annotations
@@ -225,7 +228,10 @@ def main() -> None:
     p.add_argument("--k-share", type=float, default=DEFAULT_K_SHARE, help="K as a share of the run's optimizer steps")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the gates' regularizer weight α")
     p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA,
-                   help="the gates' L2 weight γ; another α or γ keeps its runs apart")
+                   help="the gates' L2 weight γ (a K share, α or γ other than the paper's keeps the gated arms' "
+                   "runs apart; the dense runs are shared)")
+    p.add_argument("--tag", default="", help="a suffix that keeps every arm's runs apart, dense included: another "
+                   "schedule, e.g. --epochs 18 --tag _e18")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     p.add_argument("--summarize", action="store_true")
