@@ -141,3 +141,22 @@ def test_unknown_paper_is_refused():
     out = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), "hinton"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "invalid choice: 'hinton'" in out.stderr
+
+
+def test_adaptive_dropout_variants_keep_the_gated_runs_apart_and_share_the_dense_ones(tmp_path, monkeypatch):
+    """A schedule variant (K share, α, γ) must not reuse or overwrite the paper-setting gated runs, and compares
+    against the dense runs that do not depend on the gates; ``--tag`` (another schedule) keeps every arm apart."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    import adaptive_dropout as ad
+
+    paper = argparse.Namespace(layers=8, k_share=0.7, alpha=1e-7, gamma=1e-5)
+    k85 = argparse.Namespace(layers=8, k_share=0.85, alpha=1e-7, gamma=1e-5)
+    strong = argparse.Namespace(layers=8, k_share=0.7, alpha=1e-4, gamma=1e-2, tag="_e18")
+    assert ad.variant(paper) == "" and ad.variant(k85) == "_k0.85" and ad.variant(strong) == "_a0.0001_g0.01"
+    assert ad.runs_dir(paper, tmp_path, "adl_settled").name == "adaptive_dropout_L8"
+    assert ad.runs_dir(k85, tmp_path, "adl_settled").name == "adaptive_dropout_L8_k0.85"
+    assert ad.runs_dir(k85, tmp_path, "dense") == ad.runs_dir(paper, tmp_path, "dense")
+    assert ad.runs_dir(strong, tmp_path, "dense").name == "adaptive_dropout_L8_e18"
+    assert ad.runs_dir(strong, tmp_path, "adl").name == "adaptive_dropout_L8_e18_a0.0001_g0.01"
