@@ -5,7 +5,8 @@ Timings are interleaved round by round (A, B, C, A, B, C, ...) so machine noise 
 report gives medians and ratios to BatchNorm. All three shift relative positions the same way (our
 ``attention.rel_shift``, bound on NeMo's encoders here), so the ratios compare the norms. On CUDA with Triton our
 encoder runs twice: with the fused GroupNorm kernels (what users get) and with the reference ops
-(``layerfx_group_norm_reference``), so the kernels' gain is measured in the same run. Writes results/encoder_step_<device>[_<tag>].{json,md}.
+(``layerfx_group_norm_reference``), so the kernels' gain is measured in the same run. Writes
+results/encoder_step_<device>[_<tag>].{json,md}.
 
     python benchmarks/encoder_step.py                  # CPU, tiny demo encoder
     python benchmarks/encoder_step.py --device cuda --d-model 256 --layers 16 --batch 32

@@ -97,8 +97,8 @@ def main() -> None:
             "raw": {"train": train, "inference": infer}}
         print(f"{name}: train {speedup:.2f}x (FLOP limit {flop_limit:.2f}x, linears free "
               f"{bounds['linears_free']:.2f}x, at dense efficiency {bounds['linears_at_dense_efficiency']:.2f}x), "
-              f"inference "
-              f"{settings[name]['inference_speedup']:.2f}x, memory {settings[name]['memory_ratio']:.3f}", flush=True)
+              f"inference {settings[name]['inference_speedup']:.2f}x, memory {settings[name]['memory_ratio']:.3f}",
+              flush=True)
     if tmp is not None:
         tmp.cleanup()
     enc_ratio = params["lowrank"]["encoder"] / params["full"]["encoder"]

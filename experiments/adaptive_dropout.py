@@ -94,11 +94,15 @@ def steps(args: argparse.Namespace) -> int:
     return getattr(args, "max_steps", None) or args.epochs * STEPS_PER_EPOCH
 
 
+def regularizer(args: argparse.Namespace) -> tuple[float, float]:
+    """The gates' α and γ (the paper's when the study's caller does not set them, as ``reproduce.py`` does not)."""
+    return getattr(args, "alpha", DEFAULT_ALPHA), getattr(args, "gamma", DEFAULT_GAMMA)
+
+
 def variant(args: argparse.Namespace) -> str:
     """'' for the paper's α and γ and the study's K share, else a suffix naming what differs ('_g3e-05',
     '_k0.5_a0.0001_g0.01'): it keeps the runs of the gated arms and of the baselines sized to them apart."""
-    k, alpha, gamma = (getattr(args, "k_share", DEFAULT_K_SHARE), getattr(args, "alpha", DEFAULT_ALPHA),
-                       getattr(args, "gamma", DEFAULT_GAMMA))
+    k, alpha, gamma = args.k_share, *regularizer(args)
     named = (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA))
     return "".join(f"_{name}{v:g}" for name, v, default in named if v != default)
 
@@ -119,11 +123,10 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     common = [f"layerfx.seed={seed}", f"exp_manager.exp_dir={run / 'exp'}"]
     preset, extra = "conformer_gn_tiny", []
     if arm in ("adl", "adl_settled"):
-        k = max(1, round(args.k_share * steps(args)))
+        k, (alpha, gamma) = max(1, round(args.k_share * steps(args))), regularizer(args)
         preset = "conformer_gn_adaptive_dropout_tiny"
-        extra = [f"model.encoder.adaptive_dropout.steps={k}",
-                 f"+model.encoder.adaptive_dropout.alpha={getattr(args, 'alpha', DEFAULT_ALPHA)}",
-                 f"+model.encoder.adaptive_dropout.gamma={getattr(args, 'gamma', DEFAULT_GAMMA)}",
+        extra = [f"model.encoder.adaptive_dropout.steps={k}", f"+model.encoder.adaptive_dropout.alpha={alpha}",
+                 f"+model.encoder.adaptive_dropout.gamma={gamma}",
                  f"trainer.callbacks=[{{_target_: nemo_layerfx.pruning.AdaptiveDropout, out_dir: '{run}'}}]"]
         if arm == "adl_settled":
             extra.append("+model.encoder.adaptive_dropout.settle_after_k=true")
@@ -161,11 +164,11 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
         dense = finished_runs(runs_dir(args, out, "dense"), ["dense"])[0]["dense"]
         by["dense"] = {s: r for s, r in dense.items() if s in seeds}
     n_dev, n_test = split_sizes(args.corpus)
+    alpha, gamma = regularizer(args)
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "
-             f"gates on FFN units, query/key and value dims per head and conv groups, α = "
-             f"{getattr(args, 'alpha', DEFAULT_ALPHA):g}, γ = {getattr(args, 'gamma', DEFAULT_GAMMA):g}, "
+             f"gates on FFN units, query/key and value dims per head and conv groups, α = {alpha:g}, γ = {gamma:g}, "
              f"K = {args.k_share:.0%} of the steps, pruned without fine-tuning; `adl_settled` trains the eval-mask "
              "subnetwork after K. Baselines sized to the pruned `adl` model of the same seed (`*_settled`: to "
              f"`adl_settled`). WER: greedy; dev {n_dev} utterances, test {n_test}. ± is the standard deviation over "

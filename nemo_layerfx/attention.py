@@ -104,12 +104,12 @@ class RaggedMultiHeadAttention(nn.Module):
         Without gradients (inference) they are computed once and kept until a parameter changes (its storage,
         version or device), so a pruned model's inference pays nothing for the padding; with gradients enabled they
         are recomputed every forward, so that autograd reaches the parameters."""
-        params = list(self.parameters())
         cache = not torch.is_grad_enabled()
-        key = tuple((p.data_ptr(), p._version, p.device) for p in params)
-        kept = self.__dict__.get("_padded_cache")
-        if cache and kept is not None and kept[0] == key:
-            return kept[1]
+        if cache:
+            key = tuple((p.data_ptr(), p._version, p.device) for p in self.parameters())
+            kept = self.__dict__.get("_padded_cache")
+            if kept is not None and kept[0] == key:
+                return kept[1]
         qk, v = self.qk_index, self.v_index
         out = {}
         for name, index in (("q", qk), ("k", qk), ("v", v)) + ((("pos", qk),) if self.rel_pos else ()):
