@@ -2,8 +2,9 @@
 
 All three encoders get identical weights (where shapes allow) and identical padded batches of varying lengths.
 Timings are interleaved round by round (A, B, C, A, B, C, ...) so machine noise hits all three alike; the
-report gives medians and ratios to BatchNorm. All three shift relative positions the same way (our
-``attention.rel_shift``, bound on NeMo's encoders here), so the ratios compare the norms. On CUDA with Triton our
+report gives medians and ratios to BatchNorm. All three run the same attention and front end (ours, given to NeMo's
+encoders here by ``lean_modules_``), so the ratios compare the conv modules: the norm, and on a CPU our pointwise
+convs, which run as matrix products (``conv.pointwise``). On CUDA with Triton our
 encoder runs twice: with the fused GroupNorm kernels (what users get) and with the reference ops
 (``layerfx_group_norm_reference``), so the kernels' gain is measured in the same run. Writes
 results/encoder_step_<device>[_<tag>].{json,md}.
@@ -26,8 +27,7 @@ import torch
 
 import nemo_layerfx
 from nemo.collections.asr.modules import ConformerEncoder
-from nemo_layerfx.attention import rel_shift
-from nemo_layerfx.encoder import GroupNormConformerEncoder
+from nemo_layerfx.encoder import GroupNormConformerEncoder, lean_modules_
 from nemo_layerfx.fused_gn import fused_group_norm, use_fused
 
 
@@ -35,8 +35,7 @@ def build(cls, norm: str, args, device):
     torch.manual_seed(0)
     enc = cls(feat_in=80, n_layers=args.layers, d_model=args.d_model, n_heads=args.heads, conv_kernel_size=15,
               subsampling="striding", subsampling_conv_channels=64, conv_norm_type=norm, dropout=0.1)
-    for layer in enc.layers:  # our encoder's relative shift (a view, not a padded copy) on NeMo's encoders too, so
-        layer.self_attn.rel_shift = rel_shift  # that the ratios measure the norm alone
+    lean_modules_(enc)  # our attention and front end (the same numbers, fewer passes) on NeMo's encoders too
     return enc.to(device).train()
 
 

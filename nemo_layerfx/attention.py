@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL
+from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL, RelPositionMultiHeadAttention
 from nemo.utils import avoid_float16_autocast_context
 from torch import nn
 
@@ -39,6 +39,52 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
         return x.as_strided((b, h, t1, t1), (x.stride(0), x.stride(1), p - 1, 1), x.storage_offset() + t1 - 1)
     x = torch.nn.functional.pad(x, pad=(1, 0)).view(b, h, -1, t1)
     return x[:, :, 1:].view(b, h, t1, p)
+
+
+def attend(scores: torch.Tensor, mask: torch.Tensor | None, dropout: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """softmax(scores) @ v with NeMo's masking: (B, H, T1, T2) scores, (B, T1, T2) mask (True: not allowed), (B, H, T2,
+    d_v) values -> (B, H, T1, d_v). Masked scores are set to -INF_VAL before the softmax and the masked weights to 0
+    after it, as NeMo's ``forward_attention`` does, bit for bit.
+
+    ``scores`` is overwritten: the caller hands over a fresh tensor. Writing in place saves allocating a new
+    (B, H, T1, T2) tensor per step, which on a CPU costs more than the arithmetic on long utterances (fresh pages);
+    the weights are masked in place too when no gradient is recorded (softmax's backward needs its output)."""
+    if mask is None:
+        return dropout(torch.softmax(scores, dim=-1)) @ v
+    mask = mask.unsqueeze(1)  # (B, 1, T1, T2)
+    attn = torch.softmax(scores.masked_fill_(mask, -INF_VAL), dim=-1)
+    attn = attn.masked_fill(mask, 0.0) if torch.is_grad_enabled() else attn.masked_fill_(mask, 0.0)
+    return dropout(attn) @ v
+
+
+class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
+    """NeMo's relative-position attention, the same parameters and the same numbers, with a leaner score path.
+
+    The scores are computed in place (``matmul(q + u, k).add_(bd).div_(√d_k)``, then ``attend``) and the shift is
+    the view ``rel_shift``; NeMo allocates a new (B, H, T1, T2) tensor at each step. Outputs and gradients are
+    bit-identical to NeMo's forward (a test checks it); 16 layers, d_model 256, a batch of eight 9-s utterances on a
+    CPU: an encoder forward 0.88x as long, no change at 1-2 s. A streaming cache or ``use_pytorch_sdpa`` takes NeMo's
+    forward. ``GroupNormConformerEncoder`` gives every one of its ``RelPositionMultiHeadAttention`` modules this
+    class (no state of its own, so checkpoints and NeMo's ``isinstance`` checks are unchanged).
+    """
+
+    rel_shift = staticmethod(rel_shift)
+
+    def forward(self, query, key, value, mask, pos_emb, cache=None):
+        if cache is not None or self.use_pytorch_sdpa:
+            return super().forward(query, key, value, mask, pos_emb, cache=cache)
+        if torch.is_autocast_enabled():
+            query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
+        with avoid_float16_autocast_context():
+            b = query.size(0)
+            q = self.linear_q(query).view(b, -1, self.h, self.d_k)  # (B, T1, H, d_k)
+            k = self.linear_k(key).view(b, -1, self.h, self.d_k).transpose(1, 2)  # (B, H, T2, d_k)
+            v = self.linear_v(value).view(b, -1, self.h, self.d_k).transpose(1, 2)
+            p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)  # (1, H, P, d_k)
+            bd = self.rel_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))[..., : k.size(-2)]
+            scores = ((q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)).add_(bd).div_(self.s_d_k)
+            out = attend(scores, mask, self.dropout, v)  # (B, H, T1, d_k)
+            return self.linear_out(out.transpose(1, 2).reshape(b, -1, self.h * self.d_k))
 
 
 class RaggedMultiHeadAttention(nn.Module):
@@ -146,17 +192,9 @@ class RaggedMultiHeadAttention(nn.Module):
             if self.rel_pos:
                 p = self._project(pw["pos"], pos_emb, self.max_qk)  # (1, H, P, widest qk)
                 u, w = pw["u"], pw["w"]  # (H, 1, widest qk)
-                ac = (q + u) @ k.transpose(-2, -1)  # (B, H, T1, T2)
-                bd = self.rel_shift((q + w) @ p.transpose(-2, -1))[:, :, :, : ac.size(-1)]
-                scores = (ac + bd) / self.s_d_k
+                bd = self.rel_shift((q + w) @ p.transpose(-2, -1))[:, :, :, : k.size(-2)]
+                scores = ((q + u) @ k.transpose(-2, -1)).add_(bd).div_(self.s_d_k)  # (B, H, T1, T2), in place
             else:
-                scores = q @ k.transpose(-2, -1) / self.s_d_k
-            if mask is not None:
-                mask = mask.unsqueeze(1)  # (B, 1, T1, T2)
-                scores = scores.masked_fill(mask, -INF_VAL)
-                attn = torch.softmax(scores, dim=-1).masked_fill(mask, 0.0)
-            else:
-                attn = torch.softmax(scores, dim=-1)
-            attn = self.dropout(attn)  # (B, H, T1, T2)
-            out = (attn @ v).transpose(1, 2).flatten(2)  # (B, T1, H x widest v)
+                scores = (q @ k.transpose(-2, -1)).div_(self.s_d_k)
+            out = attend(scores, mask, self.dropout, v).transpose(1, 2).flatten(2)  # (B, T1, H x widest v)
             return F.linear(out, pw["out"], self.linear_out.bias)  # (B, T1, D)

@@ -99,6 +99,26 @@ class MaskedGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
+def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel-1 ``Conv1d`` (``weight`` (C_out, C_in, 1)) on x (B, C_in, T) -> (B, C_out, T).
+
+    On a CPU it runs as one matrix product over the channels (the result a transposed view of a contiguous
+    (B, T, C_out) tensor): the same products, without oneDNN's per-call convolution set-up, which dominates on the
+    short sequences a Conformer sees after subsampling, and most on narrow (pruned) conv modules. Elsewhere (CUDA)
+    it stays a convolution, the path our GPU timings were taken on."""
+    if x.device.type != "cpu":
+        return F.conv1d(x, weight, bias)
+    return F.linear(x.transpose(1, 2), weight.squeeze(-1), bias).transpose(1, 2)
+
+
+def _pointwise_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` for a pointwise conv module: a plain ``nn.Conv1d`` takes ``pointwise``; a wrapper (a gate, a
+    low-rank factorization) runs its own forward."""
+    if type(module) is nn.Conv1d:
+        return pointwise(x, module.weight, module.bias)
+    return module(x)
+
+
 class MaskedConformerConvolution(nn.Module):
     """Conformer conv module (pointwise -> GLU -> depthwise -> masked GroupNorm -> Swish -> pointwise).
 
@@ -149,12 +169,12 @@ class MaskedConformerConvolution(nn.Module):
                 "span the whole utterance, which a streaming chunk cannot see. Use NeMo's ConformerEncoder with "
                 "conv_norm_type='layer_norm' for cache-aware streaming."
             )
-        x = self.pointwise_conv1(x.transpose(1, 2))  # (B, 2C, T)
+        x = _pointwise_call(self.pointwise_conv1, x.transpose(1, 2))  # (B, 2C, T)
         x = F.glu(x, dim=1)  # (B, C, T)
         if pad_mask is not None:
             x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
         x = self.depthwise_conv(x)
         x = self.batch_norm(x, pad_mask)
         x = self.activation(x)
-        x = self.pointwise_conv2(x)  # (B, D, T)
+        x = _pointwise_call(self.pointwise_conv2, x)  # (B, D, T)
         return x.transpose(1, 2)

@@ -30,9 +30,10 @@ from nemo.collections.asr.parts.submodules.multi_head_attention import (
     MultiHeadAttention,
     RelPositionMultiHeadAttention,
 )
+from nemo.collections.asr.parts.submodules.subsampling import MaskedConvSequential
 from torch import nn
 
-from nemo_layerfx.attention import RaggedMultiHeadAttention, rel_shift
+from nemo_layerfx.attention import LeanRelPositionMultiHeadAttention, RaggedMultiHeadAttention
 from nemo_layerfx.conv import (  # noqa: F401 (re-exported: their public home was this module)
     STOCK_ENCODER_TARGET,
     MaskedConformerConvolution,
@@ -40,6 +41,7 @@ from nemo_layerfx.conv import (  # noqa: F401 (re-exported: their public home wa
     _MaskedGroupNormFn,
     parse_num_groups,
 )
+from nemo_layerfx.subsampling import LeanMaskedConvSequential
 
 ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
 # Keys our encoder adds to NeMo's signature; stock NeMo rejects them, so they are dropped when exporting.
@@ -112,6 +114,19 @@ def _shrink_heads(attn: MultiHeadAttention, n_heads: int) -> None:
         attn.linear_pos = nn.Linear(d_model, inner, bias=False)
         attn.pos_bias_u = nn.Parameter(torch.zeros(n_heads, attn.d_k))
         attn.pos_bias_v = nn.Parameter(torch.zeros(n_heads, attn.d_k))
+
+
+def lean_modules_(encoder: ConformerEncoder) -> None:
+    """In place: NeMo's relative-position attention modules become ``LeanRelPositionMultiHeadAttention`` (the shift a
+    strided view, the scores computed in place) and its masked front end ``LeanMaskedConvSequential`` (no redundant
+    masking passes). The same parameters and the same numbers, bit for bit, with fewer passes over the largest
+    activations; ``GroupNormConformerEncoder`` does this to itself, and it works on NeMo's own encoders too."""
+    for layer in encoder.layers:
+        if type(layer.self_attn) is RelPositionMultiHeadAttention:
+            layer.self_attn.__class__ = LeanRelPositionMultiHeadAttention
+    front = getattr(encoder.pre_encode, "conv", None)
+    if type(front) is MaskedConvSequential:
+        front.__class__ = LeanMaskedConvSequential
 
 
 class GroupNormConformerEncoder(ConformerEncoder):
@@ -213,7 +228,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
                     self.d_model, list(layer_qk_dims[i]), list(layer_v_dims[i]), head_dim=layer.self_attn.d_k,
                     dropout_rate=kwargs.get("dropout_att", 0.0), rel_pos=self.self_attention_model == "rel_pos",
                     use_bias=use_bias)
-        self._bind_rel_shift()
+        self._lean_modules()
         self.share_layers = None
         if share_layers is not None:
             self._share(int(share_layers))
@@ -222,12 +237,8 @@ class GroupNormConformerEncoder(ConformerEncoder):
             if options.get(option.name) is not None:
                 option.apply(self, options[option.name])
 
-    def _bind_rel_shift(self) -> None:
-        """NeMo's relative-position attention computes its shift with ``attention.rel_shift`` (the same values from a
-        strided view instead of a padded copy)."""
-        for layer in self.layers:
-            if isinstance(layer.self_attn, RelPositionMultiHeadAttention):
-                layer.self_attn.rel_shift = rel_shift
+    def _lean_modules(self) -> None:
+        lean_modules_(self)
 
     # --- depth: parameter sets, and how many layers a forward runs --------------------------------------------
     depth_sampler: Any = None  # set by the depth_sampling option: an object whose depth() is this step's depth
@@ -304,7 +315,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
         if any(layer.self_attn.h != self.layers[0].self_attn.h for layer in self.layers):
             raise NotImplementedError("change_attention_model is not supported with per-layer head counts")
         out = super().change_attention_model(*args, **kwargs)
-        self._bind_rel_shift()
+        self._lean_modules()
         return out
 
 

@@ -11,7 +11,7 @@ from nemo.collections.asr.parts.submodules.multi_head_attention import (
     RelPositionalEncoding,
 )
 
-from nemo_layerfx.attention import RaggedMultiHeadAttention, rel_shift
+from nemo_layerfx.attention import LeanRelPositionMultiHeadAttention, RaggedMultiHeadAttention, rel_shift
 from nemo_layerfx.encoder import GroupNormConformerEncoder
 
 D, H = 32, 4
@@ -138,13 +138,14 @@ def test_rel_shift_view_equals_nemos_padded_shift_values_and_gradients(t1):
     assert torch.equal(rel_shift(y), RelPositionMultiHeadAttention.rel_shift(None, y))
 
 
-def test_encoder_attention_uses_the_view_shift_and_matches_nemos():
-    """Every relative-position attention of our encoder shifts by the view; the encoder's outputs and gradients equal
-    those computed with NeMo's own ``rel_shift`` on a padded batch."""
+def test_encoder_attention_is_the_lean_one_and_matches_nemos_bit_for_bit():
+    """Every relative-position attention of our encoder is the lean one (view shift, scores in place); the encoder's
+    outputs and gradients equal those of NeMo's own attention forward on a padded batch, bit for bit."""
     torch.manual_seed(0)
     enc = GroupNormConformerEncoder(feat_in=16, n_layers=2, d_model=32, n_heads=4, conv_kernel_size=5,
                                     subsampling_conv_channels=8, dropout=0.0, dropout_att=0.0, dropout_pre_encoder=0.0,
                                     dropout_emb=0.0, layer_n_heads=[4, 2])
+    assert all(type(layer.self_attn) is LeanRelPositionMultiHeadAttention for layer in enc.layers)
     assert all(layer.self_attn.rel_shift is rel_shift for layer in enc.layers)
     feats, lengths = torch.randn(3, 16, 61), torch.tensor([61, 40, 23])
 
@@ -152,11 +153,14 @@ def test_encoder_attention_uses_the_view_shift_and_matches_nemos():
         enc.zero_grad(set_to_none=True)
         out, out_len = enc(audio_signal=feats, length=lengths)
         (out.sin() * (torch.arange(out.shape[-1]) < out_len[:, None, None])).sum().backward()
-        return out.detach(), [p.grad.clone() for p in enc.parameters()]
+        with torch.no_grad():  # inference masks the attention weights in place
+            inference = enc.eval()(audio_signal=feats, length=lengths)[0]
+        enc.train()
+        return out.detach(), [p.grad.clone() for p in enc.parameters()], inference
 
-    out, grads = run()
+    out, grads, inference = run()
     for layer in enc.layers:
-        del layer.self_attn.rel_shift  # back to NeMo's method
-    ref_out, ref_grads = run()
-    assert torch.equal(out, ref_out)
+        layer.self_attn.__class__ = RelPositionMultiHeadAttention  # NeMo's forward and NeMo's padded rel_shift
+    ref_out, ref_grads, ref_inference = run()
+    assert torch.equal(out, ref_out) and torch.equal(inference, ref_inference)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))

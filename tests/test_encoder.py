@@ -73,6 +73,54 @@ def test_masked_group_norm_gradient_is_exact():
 
 
 @pytest.mark.unit
+def test_pointwise_conv_as_a_matrix_product_equals_the_convolution():
+    """``conv.pointwise`` (a GEMM on a CPU) computes the kernel-1 Conv1d's outputs and gradients, so the conv module's
+    pointwise convs keep their Conv1d weights, names and meaning (checkpoints, the unit map, gates, low rank)."""
+    from nemo_layerfx.conv import pointwise
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(24, 40, 1)
+    x = torch.randn(3, 24, 17, requires_grad=True)
+    ours = pointwise(x, conv.weight, conv.bias)
+    ref = conv(x)
+    assert ours.shape == ref.shape == (3, 40, 17)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad((ours * g).sum(), (x, conv.weight, conv.bias))
+    ref_grads = torch.autograd.grad((ref * g).sum(), (x, conv.weight, conv.bias))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("subsampling", ["striding", "dw_striding"])
+def test_lean_front_end_matches_nemos_bit_for_bit(subsampling):
+    """The front end without NeMo's redundant masking passes gives NeMo's outputs, lengths and gradients exactly, in
+    training and in inference (where it masks in place), on a padded batch."""
+    from nemo.collections.asr.parts.submodules.subsampling import MaskedConvSequential
+
+    from nemo_layerfx.subsampling import LeanMaskedConvSequential
+
+    enc = build(GroupNormConformerEncoder, subsampling=subsampling)
+    assert type(enc.pre_encode.conv) is LeanMaskedConvSequential
+    feats, lengths = torch.randn(3, 90, 80), torch.tensor([90, 61, 17])
+
+    def run():
+        enc.zero_grad(set_to_none=True)
+        out, out_len = enc.pre_encode(x=feats, lengths=lengths)
+        out.sin().sum().backward()
+        with torch.no_grad():
+            inference = enc.pre_encode(x=feats, lengths=lengths)[0]
+        return out.detach(), out_len, [p.grad.clone() for p in enc.pre_encode.parameters()], inference
+
+    ours = run()
+    enc.pre_encode.conv.__class__ = MaskedConvSequential
+    ref = run()
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]) and torch.equal(ours[3], ref[3])
+    assert all(torch.equal(a, b) for a, b in zip(ours[2], ref[2]))
+
+
+@pytest.mark.unit
 def test_state_dict_moves_both_ways_with_nemo_group_norm():
     ours, stock = build(GroupNormConformerEncoder, seed=3), build(ConformerEncoder, seed=4)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemo_layerfx.conv import pointwise
+
 INITS = ("svd", "kaiming")
 
 
@@ -94,7 +96,7 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pointwise:  # (B, n, T) -> (B, r, T) -> (B, m, T)
-            return F.conv1d(F.conv1d(x, self.Vt.unsqueeze(-1)), self.U.unsqueeze(-1), self.bias)
+            return pointwise(pointwise(x, self.Vt.unsqueeze(-1), None), self.U.unsqueeze(-1), self.bias)
         return F.linear(F.linear(x, self.Vt), self.U, self.bias)  # (..., n) -> (..., r) -> (..., m)
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nemo_layerfx.conv import pointwise
 from nemo_layerfx.pruning.config import AdaptiveDropoutConfig
 
 
@@ -178,11 +179,12 @@ class GatedInput(_Gated):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.gate.channel_mask().to(x.dtype)
         base = self.base_layer
-        if x.numel() > base.weight.numel():  # long inputs: mask the weight's input columns instead (same products)
-            if type(base) is nn.Linear and self.dim == -1:
-                return F.linear(x, base.weight * m, base.bias)
-            if type(base) is nn.Conv1d and self.dim == 1:
-                return base._conv_forward(x, base.weight * m.view(1, -1, 1), base.bias)
+        if type(base) is nn.Conv1d and self.dim == 1 and base.kernel_size == (1,):  # the conv module's pointwise conv
+            if x.numel() > base.weight.numel():  # long inputs: mask the weight's input columns (same products)
+                return pointwise(x, base.weight * m.view(1, -1, 1), base.bias)
+            return pointwise(x * m.view(-1, 1), base.weight, base.bias)
+        if type(base) is nn.Linear and self.dim == -1 and x.numel() > base.weight.numel():
+            return F.linear(x, base.weight * m, base.bias)
         if self.dim != -1:
             m = m.view(-1, *([1] * (x.dim() - self.dim - 1)))  # e.g. (C, 1) for (B, C, T)
         return base(x * m)
