@@ -1,9 +1,11 @@
-"""Multi-head attention whose heads have their own query/key and value widths (a pruned layer's attention).
+"""Our encoder's attention: NeMo's relative-position attention with a leaner score path, and multi-head attention
+whose heads have their own query/key and value widths (a pruned layer's attention).
 
 Pruning removes query/key dimensions and value dimensions of each head independently (Kubo et al.), so a pruned
-layer's heads differ in width. This module computes what NeMo's ``RelPositionMultiHeadAttention`` (or, without
-``linear_pos``, ``MultiHeadAttention``) computes for full-width heads, head by head, with the scores still scaled
-by the *original* head width (the pruned dimensions contributed exactly zero, so the scale must not change).
+layer's heads differ in width. ``RaggedMultiHeadAttention`` computes what NeMo's ``RelPositionMultiHeadAttention``
+(or, without ``linear_pos``, ``MultiHeadAttention``) computes for full-width heads, head by head, with the scores
+still scaled by the *original* head width (the pruned dimensions contributed exactly zero, so the scale must not
+change).
 
 Parameters keep NeMo's names: ``linear_q/k`` (Σ qk rows), ``linear_v`` (Σ v rows), ``linear_out`` (Σ v columns),
 ``linear_pos`` (Σ qk rows) and ``pos_bias_u/v`` stored flat (Σ qk,), head after head.
@@ -61,11 +63,11 @@ class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
     """NeMo's relative-position attention, the same parameters and the same numbers, with a leaner score path.
 
     The scores are computed in place (``matmul(q + u, k).add_(bd).div_(√d_k)``, then ``attend``) and the shift is
-    the view ``rel_shift``; NeMo allocates a new (B, H, T1, T2) tensor at each step. Outputs and gradients are
-    bit-identical to NeMo's forward (a test checks it); 16 layers, d_model 256, a batch of eight 9-s utterances on a
-    CPU: an encoder forward 0.88x as long, no change at 1-2 s. A streaming cache or ``use_pytorch_sdpa`` takes NeMo's
-    forward. ``GroupNormConformerEncoder`` gives every one of its ``RelPositionMultiHeadAttention`` modules this
-    class (no state of its own, so checkpoints and NeMo's ``isinstance`` checks are unchanged).
+    the view ``rel_shift``; NeMo allocates a new (B, H, T1, T2) tensor at each step, which on long utterances costs
+    a CPU more than the arithmetic. Outputs and gradients are bit-identical to NeMo's forward (a test checks it). A
+    streaming cache or ``use_pytorch_sdpa`` takes NeMo's forward. ``GroupNormConformerEncoder`` gives this class to
+    every one of its ``RelPositionMultiHeadAttention`` modules (``encoder.lean_modules_``): it has no state of its
+    own, so checkpoints and NeMo's ``isinstance`` checks are unchanged.
     """
 
     rel_shift = staticmethod(rel_shift)

@@ -228,7 +228,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
                     self.d_model, list(layer_qk_dims[i]), list(layer_v_dims[i]), head_dim=layer.self_attn.d_k,
                     dropout_rate=kwargs.get("dropout_att", 0.0), rel_pos=self.self_attention_model == "rel_pos",
                     use_bias=use_bias)
-        self._lean_modules()
+        lean_modules_(self)
         self.share_layers = None
         if share_layers is not None:
             self._share(int(share_layers))
@@ -236,9 +236,6 @@ class GroupNormConformerEncoder(ConformerEncoder):
         for option in sorted(ENCODER_OPTIONS.values(), key=lambda o: o.order):
             if options.get(option.name) is not None:
                 option.apply(self, options[option.name])
-
-    def _lean_modules(self) -> None:
-        lean_modules_(self)
 
     # --- depth: parameter sets, and how many layers a forward runs --------------------------------------------
     depth_sampler: Any = None  # set by the depth_sampling option: an object whose depth() is this step's depth
@@ -315,7 +312,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
         if any(layer.self_attn.h != self.layers[0].self_attn.h for layer in self.layers):
             raise NotImplementedError("change_attention_model is not supported with per-layer head counts")
         out = super().change_attention_model(*args, **kwargs)
-        self._lean_modules()
+        lean_modules_(self)
         return out
 
 
