@@ -43,6 +43,16 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     return x[:, :, 1:].view(b, h, t1, p)
 
 
+def rel_scores(q_u: torch.Tensor, q_v: torch.Tensor, k: torch.Tensor, p: torch.Tensor, s_d_k: float
+               ) -> torch.Tensor:
+    """NeMo's relative-position scores ((q + u) kᵀ + shift((q + v) pᵀ)) / √d_k, computed in place: (B, H, T1, d)
+    queries with the content bias u and the position bias v added, (B, H, T2, d) keys, (1, H, P, d) positions ->
+    (B, H, T1, T2). The same operations in NeMo's order, so the same numbers bit for bit, without allocating a new
+    (B, H, T1, T2) tensor for the sum and the scale."""
+    bd = rel_shift(q_v @ p.transpose(-2, -1))[..., : k.size(-2)]
+    return (q_u @ k.transpose(-2, -1)).add_(bd).div_(s_d_k)
+
+
 def attend(scores: torch.Tensor, mask: torch.Tensor | None, dropout: nn.Module, v: torch.Tensor) -> torch.Tensor:
     """softmax(scores) @ v with NeMo's masking: (B, H, T1, T2) scores, (B, T1, T2) mask (True: not allowed), (B, H, T2,
     d_v) values -> (B, H, T1, d_v). Masked scores are set to -INF_VAL before the softmax and the masked weights to 0
@@ -62,15 +72,15 @@ def attend(scores: torch.Tensor, mask: torch.Tensor | None, dropout: nn.Module, 
 class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
     """NeMo's relative-position attention, the same parameters and the same numbers, with a leaner score path.
 
-    The scores are computed in place (``matmul(q + u, k).add_(bd).div_(√d_k)``, then ``attend``) and the shift is
-    the view ``rel_shift``; NeMo allocates a new (B, H, T1, T2) tensor at each step, which on long utterances costs
-    a CPU more than the arithmetic. Outputs and gradients are bit-identical to NeMo's forward (a test checks it). A
-    streaming cache or ``use_pytorch_sdpa`` takes NeMo's forward. ``GroupNormConformerEncoder`` gives this class to
-    every one of its ``RelPositionMultiHeadAttention`` modules (``encoder.lean_modules_``): it has no state of its
-    own, so checkpoints and NeMo's ``isinstance`` checks are unchanged.
+    The scores are computed in place (``rel_scores``, then ``attend``) and the shift is the view ``rel_shift``; NeMo
+    allocates a new (B, H, T1, T2) tensor at each step, which on long utterances costs a CPU more than the arithmetic.
+    Outputs and gradients are bit-identical to NeMo's forward (a test checks it). A streaming cache or
+    ``use_pytorch_sdpa`` takes NeMo's forward. ``GroupNormConformerEncoder`` gives this class to every one of its
+    ``RelPositionMultiHeadAttention`` modules (``encoder.lean_modules_``): it has no state of its own, so checkpoints
+    and NeMo's ``isinstance`` checks are unchanged.
     """
 
-    rel_shift = staticmethod(rel_shift)
+    rel_shift = staticmethod(rel_shift)  # also for NeMo's forward, which the streaming and SDPA paths take
 
     def forward(self, query, key, value, mask, pos_emb, cache=None):
         if cache is not None or self.use_pytorch_sdpa:
@@ -83,8 +93,8 @@ class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
             k = self.linear_k(key).view(b, -1, self.h, self.d_k).transpose(1, 2)  # (B, H, T2, d_k)
             v = self.linear_v(value).view(b, -1, self.h, self.d_k).transpose(1, 2)
             p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)  # (1, H, P, d_k)
-            bd = self.rel_shift((q + self.pos_bias_v).transpose(1, 2) @ p.transpose(-2, -1))[..., : k.size(-2)]
-            scores = ((q + self.pos_bias_u).transpose(1, 2) @ k.transpose(-2, -1)).add_(bd).div_(self.s_d_k)
+            scores = rel_scores((q + self.pos_bias_u).transpose(1, 2), (q + self.pos_bias_v).transpose(1, 2), k, p,
+                                self.s_d_k)  # (B, H, T1, T2)
             out = attend(scores, mask, self.dropout, v)  # (B, H, T1, d_k)
             return self.linear_out(out.transpose(1, 2).reshape(b, -1, self.h * self.d_k))
 
@@ -178,8 +188,6 @@ class RaggedMultiHeadAttention(nn.Module):
         """(B, T, D) -> (B, H, T, widest): a projection's heads, each zero-padded to the widest."""
         return F.linear(x, *weights).unflatten(-1, (self.h, width)).transpose(1, 2)
 
-    rel_shift = staticmethod(rel_shift)
-
     def forward(self, query, key, value, mask, pos_emb=None, cache=None):
         """query/key/value (B, T, D); mask (B, T1, T2) True where attention is not allowed; pos_emb (1, P, D)."""
         if cache is not None:
@@ -194,8 +202,7 @@ class RaggedMultiHeadAttention(nn.Module):
             if self.rel_pos:
                 p = self._project(pw["pos"], pos_emb, self.max_qk)  # (1, H, P, widest qk)
                 u, w = pw["u"], pw["w"]  # (H, 1, widest qk)
-                bd = self.rel_shift((q + w) @ p.transpose(-2, -1))[:, :, :, : k.size(-2)]
-                scores = ((q + u) @ k.transpose(-2, -1)).add_(bd).div_(self.s_d_k)  # (B, H, T1, T2), in place
+                scores = rel_scores(q + u, q + w, k, p, self.s_d_k)  # (B, H, T1, T2)
             else:
                 scores = (q @ k.transpose(-2, -1)).div_(self.s_d_k)
             out = attend(scores, mask, self.dropout, v).transpose(1, 2).flatten(2)  # (B, T1, H x widest v)

@@ -50,4 +50,3 @@ class LeanMaskedConvSequential(MaskedConvSequential):
         if not masked:
             x = x.mul_(mask) if owned else x * mask
         return x, current.long()
-
