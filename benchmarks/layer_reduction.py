@@ -22,6 +22,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,6 +96,15 @@ def train_costs(model, batch, steps: list[int], rounds: int) -> dict:
             "speedup_vs_depth8": statistics.mean(times["depth8"]) / statistics.mean(times["sampled"])}
 
 
+def at_depth(model, depth: int, forward: Callable[[], None]) -> Callable[[], None]:
+    """``forward`` with the model's inference depth set to ``depth`` first (so two depths can be interleaved)."""
+    def run() -> None:
+        model.encoder.set_inference_depth(depth)
+        forward()
+
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True)
@@ -142,9 +152,12 @@ def main() -> None:
                                   "built with M": encoder_forward(short, batch[0], batch[1])}, 8 * args.rounds)
             rows[m_depth] = {k: statistics.median(v) for k, v in t.items()}
             rows[m_depth]["ratio"] = median_ratio(t["depth M of 8"], t["built with M"])
+        # SLI: the same model at all n layers vs at depth sli, interleaved (times from different rounds can differ
+        # by more than the layers do)
+        forward = encoder_forward(full, batch[0], batch[1])
+        t = time_interleaved({d: at_depth(full, d, forward) for d in (n, args.sli)}, 8 * args.rounds)
         full.encoder.set_inference_depth(None)
-        sli = rows[args.sli]["depth M of 8"]
-        result_infer[name] = {"per_depth": rows, "sli_speedup": rows[n]["depth M of 8"] / sli}
+        result_infer[name] = {"per_depth": rows, "sli_speedup": median_ratio(t[n], t[args.sli])}
         print(name, {k: round(v["overhead"], 3) for k, v in result_train[name].items()},
               "SLI speed-up", round(result_infer[name]["sli_speedup"], 2), flush=True)
     if tmp is not None:

@@ -80,7 +80,8 @@ def main() -> None:
     p.add_argument("--keep", type=float, default=0.4, help="share of units every gate keeps (without --survival)")
     p.add_argument("--survival", default=None, help="a survival.json: keep per layer and kind what that run kept")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=12,
+                   help="interleaved rounds of the training steps (inference: twice as many)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()

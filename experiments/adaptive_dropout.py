@@ -15,8 +15,8 @@ Per seed, all on the offline corpus with the tiny preset at ``--layers`` layers 
   ``adl_settled`` instead.
 
 Finished runs are kept (``result.json``) and skipped, so a stopped study resumes; ``--summarize`` rewrites the
-tables only. Variants of the schedule (``--k-share``, ``--alpha``, ``--gamma``) keep the gated arms' runs in their
-own folder and share the dense runs; ``--tag`` keeps every arm apart (another ``--epochs``).
+tables only. Variants of the schedule (``--k-share``, ``--c0``, ``--alpha``, ``--gamma``) keep the gated arms' runs
+in their own folder and share the dense runs; ``--tag`` keeps every arm apart (another ``--epochs``).
 
     python experiments/adaptive_dropout.py --corpus data/commands --layers 8 --seeds 0 1
     python experiments/adaptive_dropout.py --corpus data/commands --layers 8 --seeds 0 1 2 --k-share 0.85 \
@@ -49,6 +49,7 @@ SIZED = BASELINES[:3]  # NoMacaron's size is fixed: one arm serves both ADL vari
 ARMS = ("dense", "adl", "adl_settled", *BASELINES, *(f"{b}_settled" for b in SIZED))
 DEFAULT_ALPHA, DEFAULT_GAMMA = 1e-7, 1e-5  # Kubo's α and L2 weight γ (AdaptiveDropoutConfig)
 DEFAULT_K_SHARE = 0.7
+DEFAULT_C0 = 10.0  # Kubo's c₀, where the moving target starts
 STEPS_PER_EPOCH = 48  # 764 training utterances of the command corpus in batches of 16
 
 
@@ -103,7 +104,8 @@ def variant(args: argparse.Namespace) -> str:
     """'' for the paper's α and γ and the study's K share, else a suffix naming what differs ('_g3e-05',
     '_k0.5_a0.0001_g0.01'): it keeps the runs of the gated arms and of the baselines sized to them apart."""
     k, alpha, gamma = args.k_share, *regularizer(args)
-    named = (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA))
+    named = (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA),
+             ("c", getattr(args, "c0", DEFAULT_C0), DEFAULT_C0))
     return "".join(f"_{name}{v:g}" for name, v, default in named if v != default)
 
 
@@ -127,6 +129,7 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
         preset = "conformer_gn_adaptive_dropout_tiny"
         extra = [f"model.encoder.adaptive_dropout.steps={k}", f"+model.encoder.adaptive_dropout.alpha={alpha}",
                  f"+model.encoder.adaptive_dropout.gamma={gamma}",
+                 f"+model.encoder.adaptive_dropout.c0={getattr(args, 'c0', DEFAULT_C0)}",
                  f"trainer.callbacks=[{{_target_: nemo_layerfx.pruning.AdaptiveDropout, out_dir: '{run}'}}]"]
         if arm == "adl_settled":
             extra.append("+model.encoder.adaptive_dropout.settle_after_k=true")
@@ -168,7 +171,8 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "
-             f"gates on FFN units, query/key and value dims per head and conv groups, α = {alpha:g}, γ = {gamma:g}, "
+             "gates on FFN units, query/key and value dims per head and conv groups, "
+             f"c₀ = {getattr(args, 'c0', DEFAULT_C0):g}, α = {alpha:g}, γ = {gamma:g}, "
              f"K = {args.k_share:.0%} of the steps, pruned without fine-tuning; `adl_settled` trains the eval-mask "
              "subnetwork after K. Baselines sized to the pruned `adl` model of the same seed (`*_settled`: to "
              f"`adl_settled`). WER: greedy; dev {n_dev} utterances, test {n_test}. ± is the standard deviation over "
@@ -230,6 +234,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--k-share", type=float, default=DEFAULT_K_SHARE, help="K as a share of the run's optimizer steps")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="the gates' regularizer weight α")
+    p.add_argument("--c0", type=float, default=DEFAULT_C0, help="where the moving target c(t) starts: a lower c₀ "
+                   "leaves the gates more of the K steps in which dropping a unit is likely")
     p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA,
                    help="the gates' L2 weight γ (a K share, α or γ other than the paper's keeps the gated arms' "
                    "runs apart; the dense runs are shared)")

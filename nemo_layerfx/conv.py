@@ -35,6 +35,52 @@ def parse_num_groups(conv_norm_type: str) -> int:
     return int(m.group(1))
 
 
+def valid_frames(pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid (B, 1, T) float32, 1 on valid frames; k (B, 1) = T / valid frames) of a (B, T) pad mask.
+
+    Every conv module of an encoder forward gets the same mask tensor, so the last answer is kept (keyed on the
+    tensor itself and its version, held until the next mask): 16 layers compute it once, not 16 times. (Tensors
+    made under ``torch.inference_mode`` keep no version; the encoder makes a new mask every forward.)"""
+    version = -1 if pad_mask.is_inference() else pad_mask._version
+    kept = _VALID_FRAMES[0]
+    if kept is not None and kept[0] is pad_mask and kept[1] == version:
+        return kept[2]
+    valid = (~pad_mask).float().unsqueeze(1)
+    counts = (valid, pad_mask.shape[1] / valid.sum(dim=2).clamp_min(1.0))  # k: (B, 1)
+    _VALID_FRAMES[0] = (pad_mask, version, counts)
+    return counts
+
+
+_VALID_FRAMES: list = [None]  # (mask, version, (valid, k)) of the last mask valid_frames saw
+
+
+def _group_stats(xm: torch.Tensor, k: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd), each (B, G), over the valid frames of xm (B, C, T), whose padded frames are zeros.
+
+    The statistics over the whole padded group (one fused kernel) rescaled to the valid frames: with zeros on
+    padding, mean_valid = k mean_all and E_valid[x²] = k E_all[x²], so var_valid = k (var_all + (1 - k) mean_all²)."""
+    B, C, T = xm.shape
+    var_all, mean_all = torch.var_mean(xm.view(B, num_groups, -1), dim=2, correction=0)
+    var = torch.addcmul(var_all, mean_all.square(), 1.0 - k).mul_(k)
+    return mean_all * k, var.clamp_min_(0.0).add_(eps).rsqrt_()
+
+
+def _masked_group_norm(x, valid, k, weight, bias, num_groups: int, eps: float):
+    """(y, xm, mean, rstd): the valid-frame GroupNorm of x (B, C, T), and what its backward needs.
+
+    Called directly when no gradient is recorded (inference): a conv module's norm is a dozen small ops, and on short
+    utterances their per-call cost, not the arithmetic, is what a pruned model still pays in full, so autograd's
+    bookkeeping is skipped."""
+    B, C, T = x.shape
+    G, Cg = num_groups, C // num_groups
+    xm = x * valid  # (B, C, T), padded frames -> 0
+    mean, rstd = _group_stats(xm, k, G, eps)
+    scale = rstd.unsqueeze(2) * weight.view(1, G, Cg)  # (B, G, Cg)
+    shift = torch.addcmul(bias.view(1, G, Cg), mean.unsqueeze(2), scale, value=-1.0)  # b - mean * scale
+    y = torch.addcmul(shift.view(B, C, 1), xm, scale.view(B, C, 1)).mul_(valid)  # padded frames -> 0
+    return y, xm, mean, rstd
+
+
 class _MaskedGroupNormFn(torch.autograd.Function):
     """Valid-frame GroupNorm with a hand-written backward.
 
@@ -43,40 +89,27 @@ class _MaskedGroupNormFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, valid, weight, bias, num_groups: int, eps: float):
-        B, C, T = x.shape
-        G, Cg = num_groups, C // num_groups
-        xm = x * valid  # (B, C, T), padded frames -> 0
-        # Statistics over the whole padded group (one fused kernel), rescaled to the valid frames: with zeros on
-        # padding, mean_valid = k * mean_all and E_valid[x^2] = k * E_all[x^2], k = T / T_valid.
-        var_all, mean_all = torch.var_mean(xm.view(B, G, Cg * T), dim=2, correction=0)  # (B, G)
-        n_valid = valid.sum(dim=2).clamp_min(1.0)  # (B, 1)
-        k = T / n_valid
-        mean = mean_all * k
-        rstd = torch.rsqrt(((var_all + mean_all.square()) * k - mean.square()).clamp_min(0.0) + eps)
-        w, b = weight.view(1, G, Cg), bias.view(1, G, Cg)
-        scale = rstd.unsqueeze(2) * w  # (B, G, Cg)
-        shift = b - (mean * rstd).unsqueeze(2) * w
-        y = torch.addcmul(shift.view(B, C, 1), xm, scale.view(B, C, 1)) * valid  # padded frames -> 0
-        ctx.save_for_backward(xm, valid, weight, mean, rstd, n_valid)
-        ctx.num_groups = G
+    def forward(ctx, x, valid, k, weight, bias, num_groups: int, eps: float):
+        y, xm, mean, rstd = _masked_group_norm(x, valid, k, weight, bias, num_groups, eps)
+        ctx.save_for_backward(xm, valid, k, weight, mean, rstd)
+        ctx.num_groups = num_groups
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xm, valid, weight, mean, rstd, n_valid = ctx.saved_tensors
+        xm, valid, k, weight, mean, rstd = ctx.saved_tensors
         B, C, T = xm.shape
         G, Cg = ctx.num_groups, C // ctx.num_groups
         dy = (dy * valid).view(B, G, Cg, T)  # padded outputs are constant zeros
         xhat = ((xm.view(B, G, Cg, T) - mean.view(B, G, 1, 1)) * rstd.view(B, G, 1, 1)) * valid.view(B, 1, 1, T)
         dxhat = dy * weight.view(1, G, Cg, 1)
-        n = (n_valid * Cg).view(B, 1, 1, 1)
+        n = (T * Cg / k).view(B, 1, 1, 1)  # valid elements per group
         mean_dxhat = dxhat.sum(dim=(2, 3), keepdim=True) / n
         mean_dxhat_xhat = (dxhat * xhat).sum(dim=(2, 3), keepdim=True) / n
         dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * rstd.view(B, G, 1, 1) * valid.view(B, 1, 1, T)
         dweight = (dy * xhat).sum(dim=(0, 3)).reshape(C)
         dbias = dy.sum(dim=(0, 3)).reshape(C)
-        return dx.view(B, C, T), None, dweight, dbias, None, None
+        return dx.view(B, C, T), None, None, dweight, dbias, None, None
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -92,10 +125,14 @@ class MaskedGroupNorm(nn.GroupNorm):
                                               self.bias if self.affine else torch.zeros_like(x[0, :, 0]),
                                               self.num_groups, self.eps)
         # statistics in float32 also under fp16/bf16 autocast, as F.group_norm does
-        valid = (~pad_mask).float().unsqueeze(1)  # (B, 1, T)
+        valid, k = valid_frames(pad_mask)
         weight = self.weight.float() if self.affine else x.new_ones(x.shape[1], dtype=torch.float32)
         bias = self.bias.float() if self.affine else x.new_zeros(x.shape[1], dtype=torch.float32)
-        y = _MaskedGroupNormFn.apply(x.float(), valid, weight, bias, self.num_groups, self.eps)
+        args = (x.float(), valid, k, weight, bias, self.num_groups, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+            y = _MaskedGroupNormFn.apply(*args)
+        else:
+            y = _masked_group_norm(*args)[0]
         return y.to(x.dtype)
 
 
@@ -170,11 +207,14 @@ class MaskedConformerConvolution(nn.Module):
                 "conv_norm_type='layer_norm' for cache-aware streaming."
             )
         x = _pointwise_call(self.pointwise_conv1, x.transpose(1, 2))  # (B, 2C, T)
-        x = F.glu(x, dim=1)  # (B, C, T)
+        x = F.glu(x, dim=1)  # (B, C, T), a new tensor (GLU's backward needs only its input): masked in place
         if pad_mask is not None:
-            x = x.masked_fill(pad_mask.unsqueeze(1), 0.0)
+            x = x.masked_fill_(pad_mask.unsqueeze(1), 0.0)
         x = self.depthwise_conv(x)
         x = self.batch_norm(x, pad_mask)
-        x = self.activation(x)
+        if torch.is_grad_enabled() or type(self.activation) is not Swish:
+            x = self.activation(x)
+        else:  # inference: the norm's output is new, Swish (SiLU) overwrites it
+            x = F.silu(x, inplace=True)
         x = _pointwise_call(self.pointwise_conv2, x)  # (B, D, T)
         return x.transpose(1, 2)

@@ -69,7 +69,46 @@ def test_masked_group_norm_gradient_is_exact():
     w = torch.randn(8, dtype=torch.double, requires_grad=True)
     b = torch.randn(8, dtype=torch.double, requires_grad=True)
     valid = (torch.arange(11)[None] < torch.tensor([11, 7, 3])[:, None]).double().unsqueeze(1)
-    assert torch.autograd.gradcheck(lambda x, w, b: _MaskedGroupNormFn.apply(x, valid, w, b, 2, 1e-5), (x, w, b))
+    k = 11 / valid.sum(dim=2)
+    assert torch.autograd.gradcheck(lambda x, w, b: _MaskedGroupNormFn.apply(x, valid, k, w, b, 2, 1e-5), (x, w, b))
+
+
+@pytest.mark.unit
+def test_masked_group_norm_inference_path_equals_the_training_path():
+    """Without gradients the norm skips autograd's bookkeeping (``conv._masked_group_norm``) and reuses the
+    valid-frame counts of the last mask (``valid_frames``): the same numbers bit for bit, and a mask changed in place
+    or a new mask is not answered from the kept counts."""
+    from nemo_layerfx.conv import valid_frames
+
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(4, 16)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 16, 50)
+    pad = torch.arange(50)[None, :] >= torch.tensor([50, 31, 7])[:, None]
+    trained = norm(x.clone().requires_grad_(), pad)
+    assert trained.grad_fn is not None
+    with torch.no_grad():
+        inferred = norm(x, pad)
+    assert torch.equal(trained.detach(), inferred)
+    assert valid_frames(pad) is valid_frames(pad)
+    pad[1, 20:] = True  # the same tensor, changed in place: counts taken afresh
+    with torch.no_grad():
+        changed = norm(x, pad)
+    assert torch.all(changed[1, :, 20:] == 0) and not torch.equal(changed[1], inferred[1])
+    ref = torch.nn.functional.group_norm(x[1:2, :, :20], 4, norm.weight, norm.bias, norm.eps)
+    torch.testing.assert_close(changed[1:2, :, :20], ref, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # as NeMo's transcribe runs: inference tensors carry no version counter
+        assert torch.equal(norm(x, pad.clone()), changed)
+    # the whole conv module: its inference path (GLU output masked, Swish in place) gives the training path's numbers
+    from nemo_layerfx.conv import MaskedConformerConvolution
+
+    conv = MaskedConformerConvolution(d_model=24, kernel_size=5, num_groups=4, channels=16)
+    h = torch.randn(3, 50, 24)
+    with torch.no_grad():
+        inferred = conv(h, pad)
+    trained = conv(h.clone().requires_grad_(), pad)
+    assert trained.grad_fn is not None and torch.equal(inferred, trained.detach())
 
 
 @pytest.mark.unit

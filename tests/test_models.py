@@ -26,6 +26,8 @@ def test_shipped_config_trains_through_entry_point(tiny_cfg, config, cls_name, t
     assert type(model).__name__ == cls_name
     assert isinstance(model.encoder, GroupNormConformerEncoder)
     assert model.trainer.global_step == 2
+    (optimizer,) = model.trainer.optimizers  # the configs' optim.fused reaches torch's AdamW (one kernel per step)
+    assert type(optimizer).__name__ == "AdamW" and optimizer.defaults["fused"] is True
     report = json.loads((tmp_path / "report.json").read_text())
     assert 0.0 <= report["start"]["val_wer"] and 0.0 <= report["end"]["val_wer"]
     assert (tmp_path / "model.nemo").is_file()

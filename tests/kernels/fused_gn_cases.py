@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nemo_layerfx import fused_gn
-from nemo_layerfx.conv import _MaskedGroupNormFn
+from nemo_layerfx.conv import _MaskedGroupNormFn, valid_frames
 
 DEVICE = "cuda" if torch.cuda.is_available() and not fused_gn.interpreting() else "cpu"
 if DEVICE == "cpu" and not fused_gn.interpreting():
@@ -33,8 +33,8 @@ def both(x, pad, w, b, groups, dtype=torch.float32):
     y = fused_gn.masked_group_norm(x, pad, w, b, groups, 1e-5)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
     got = (y, *torch.autograd.grad(y, (x, w, b), g))
-    valid = (~pad).float().unsqueeze(1)
-    y_ref = _MaskedGroupNormFn.apply(x.float(), valid, w, b, groups, 1e-5).to(dtype)  # as MaskedGroupNorm does
+    valid, k = valid_frames(pad)
+    y_ref = _MaskedGroupNormFn.apply(x.float(), valid, k, w, b, groups, 1e-5).to(dtype)  # as MaskedGroupNorm does
     ref = (y_ref, *torch.autograd.grad(y_ref, (x, w, b), g))
     return got, ref
 
