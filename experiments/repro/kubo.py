@@ -11,9 +11,9 @@ Budgets (CPU, 2 cores; each 12-epoch run takes about 4 minutes on idle cores, 7�
 ``smoke`` (tests: tiny models, minutes), ``small`` (seed 0: dense, both ADL arms and Shallow sized to each, 5
 runs), ``full`` (seeds 0–2 with every baseline sized to ``adl_settled`` too: 24 runs; a GPU shortens it).
 
-The ``small`` and ``full`` budgets also train, per seed, the longer schedule in which the size and the "no WER
-loss" hold together here (``LONG``: 864 steps, K = 85 % of them, c₀ = 16, ``adl_settled`` against dense trained the
-same 864 steps; 2 runs per seed, dense shared with the study's other 864-step variants).
+Every budget also trains, per seed, the longer schedule in which the size and the "no WER loss" hold together here
+(``LONG``: 864 steps, K = 85 % of them, c₀ = 16, ``adl_settled`` against dense trained the same 864 steps; 2 runs
+per seed, dense shared with the study's other 864-step variants; ``smoke``: 8 steps).
 
 Deviations from the paper, stated in the report: CTC on a synthetic corpus at d_model 144 and 8 layers instead of
 Conformer-L (17 layers, d_model 512) on LibriSpeech; 576 (or 864) steps with K = 70 % (85 %) of them instead of
@@ -34,17 +34,19 @@ SMOKE_MODEL = ["model.encoder.d_model=32", "model.encoder.n_heads=2", "model.enc
 BUDGETS = {
     # smoke: 8 steps however small the corpus (the tests' has 3 batches per epoch)
     "smoke": {"seeds": [0], "epochs": 8, "max_steps": 8, "tag": "_smoke", "model": SMOKE_MODEL,
-              "arms": ["dense", "adl", "adl_settled", "shallow_settled"]},
-    "small": {"seeds": [0], "epochs": 12, "max_steps": None, "tag": "", "model": [], "long": True,
+              "arms": ["dense", "adl", "adl_settled", "shallow_settled"],
+              "long": {"epochs": 8, "max_steps": 8, "tag": "_smoke_long", "model": SMOKE_MODEL}},
+    "small": {"seeds": [0], "epochs": 12, "max_steps": None, "tag": "", "model": [], "long": {},
               "arms": ["dense", "adl", "adl_settled", "shallow", "shallow_settled"]},
-    "full": {"seeds": [0, 1, 2], "epochs": 12, "max_steps": None, "tag": "", "model": [], "long": True,
+    "full": {"seeds": [0, 1, 2], "epochs": 12, "max_steps": None, "tag": "", "model": [], "long": {},
              "arms": ["dense", "adl", "adl_settled", "shallow", "shallow_settled", "narrow_settled",
                       "narrowffn_settled", "nomacaron"]},
 }
 LAYERS = 8
 # the schedule that reaches Kubo's size at no WER loss at this scale: the target falls from a higher c₀ (16, not 10)
 # over 85 % of 864 steps, so more units end below c∞, and the kept subnetwork trains on alone for the last 15 %
-LONG = {"epochs": 18, "tag": "_e18", "k_share": 0.85, "c0": 16.0, "arms": ["dense", "adl_settled"]}
+LONG = {"epochs": 18, "max_steps": None, "tag": "_e18", "model": [], "k_share": 0.85, "c0": 16.0,
+        "arms": ["dense", "adl_settled"]}
 GATED = ("adl", "adl_settled")
 BASELINE_WER = {"shallow": "Shallow L=7 (50.6M): 3.9 / 9.3", "narrow": "Narrow D=320 (43.7M): 3.9 / 9.3",
                 "narrowffn": "NarrowFFN (75.5M): 3.9 / 9.3", "nomacaron": "NoMacaron (75.5M): 3.8 / 8.9"}
@@ -82,10 +84,13 @@ def size_claims(by: dict, schedule: str = "") -> list[dict]:
 def long_schedule(args, budget: dict, results: Path) -> tuple[list[dict], argparse.Namespace]:
     """Train (or read) the ``LONG`` schedule's runs for the budget's seeds; its size and WER claims."""
     import adaptive_dropout as ad
-    study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=LONG["epochs"], k_share=LONG["k_share"],
-                               c0=LONG["c0"], max_steps=None, tag=LONG["tag"], device=args.device, model=[])
+    long = {**LONG, **budget["long"]}  # the smoke budget shrinks it
+    study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=long["epochs"], k_share=long["k_share"],
+                               c0=long["c0"], max_steps=long["max_steps"], tag=long["tag"], device=args.device,
+                               model=long["model"] + ([f"trainer.max_steps={long['max_steps']}"]
+                                                      if long["max_steps"] else []))
     for seed in budget["seeds"]:
-        for arm in LONG["arms"]:
+        for arm in long["arms"]:
             ad.run_arm(study, arm, seed, results)
     ad.summarize(study, results)
     by, _ = finished_runs(ad.runs_dir(study, results), ad.ARMS)
@@ -199,7 +204,7 @@ def run(args) -> Path:
     by = {a: {s: r for s, r in rs.items() if s in budget["seeds"]} for a, rs in by.items()}
     bench = benchmark_results("prune_cpu")
     rows = size_claims(by) + baseline_claims(by) + survival_claims(by) + speed_claims(bench)
-    long_rows, long_study = long_schedule(args, budget, results) if budget.get("long") else ([], None)
+    long_rows, long_study = long_schedule(args, budget, results) if "long" in budget else ([], None)
     rows += long_rows
     tables = f"../{ad.runs_dir(study, results).name}.md"
     seeds = sorted({s for rs in by.values() for s in rs})
