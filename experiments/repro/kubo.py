@@ -81,14 +81,19 @@ def size_claims(by: dict, schedule: str = "") -> list[dict]:
     return rows
 
 
+def study_args(args, spec: dict, **schedule) -> argparse.Namespace:
+    """The adaptive-dropout study's arguments for a budget (or ``LONG``): its epochs, step cap, tag and model
+    overrides, and the gates' ``schedule`` (``k_share``, ``c0``)."""
+    cap = [f"trainer.max_steps={spec['max_steps']}"] if spec["max_steps"] else []
+    return argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=spec["epochs"], max_steps=spec["max_steps"],
+                              tag=spec["tag"], device=args.device, model=spec["model"] + cap, **schedule)
+
+
 def long_schedule(args, budget: dict, results: Path) -> tuple[list[dict], argparse.Namespace]:
     """Train (or read) the ``LONG`` schedule's runs for the budget's seeds; its size and WER claims."""
     import adaptive_dropout as ad
     long = {**LONG, **budget["long"]}  # the smoke budget shrinks it
-    study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=long["epochs"], k_share=long["k_share"],
-                               c0=long["c0"], max_steps=long["max_steps"], tag=long["tag"], device=args.device,
-                               model=long["model"] + ([f"trainer.max_steps={long['max_steps']}"]
-                                                      if long["max_steps"] else []))
+    study = study_args(args, long, k_share=long["k_share"], c0=long["c0"])
     for seed in budget["seeds"]:
         for arm in long["arms"]:
             ad.run_arm(study, arm, seed, results)
@@ -96,7 +101,7 @@ def long_schedule(args, budget: dict, results: Path) -> tuple[list[dict], argpar
     by, _ = finished_runs(ad.runs_dir(study, results), ad.ARMS)
     by["dense"] = finished_runs(ad.runs_dir(study, results, "dense"), ["dense"])[0]["dense"]
     by = {a: {s: r for s, r in rs.items() if s in budget["seeds"]} for a, rs in by.items()}
-    schedule = f"{ad.steps(study)} steps, K = {LONG['k_share']:.0%}, c₀ = {LONG['c0']:g}"
+    schedule = f"{ad.steps(study)} steps, K = {long['k_share']:.0%}, c₀ = {long['c0']:g}"
     return size_claims(by, schedule), study
 
 
@@ -192,10 +197,7 @@ def run(args) -> Path:
     ensure_corpus(args.corpus)
     budget = BUDGETS[args.budget]
     results = Path(args.out)
-    study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=budget["epochs"], k_share=0.7,
-                               max_steps=budget["max_steps"], tag=budget["tag"], device=args.device,
-                               model=budget["model"] + ([f"trainer.max_steps={budget['max_steps']}"]
-                                                        if budget["max_steps"] else []))
+    study = study_args(args, budget, k_share=0.7)
     for seed in budget["seeds"]:
         for arm in budget["arms"]:  # the ADL arms come before the baselines sized to them
             ad.run_arm(study, arm, seed, results)
