@@ -41,6 +41,7 @@ from nemo_layerfx.conv import (  # noqa: F401 (re-exported: their public home wa
     _MaskedGroupNormFn,
     parse_num_groups,
 )
+from nemo_layerfx.layer import lean_layer_
 from nemo_layerfx.subsampling import LeanMaskedConvSequential
 
 ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
@@ -118,10 +119,12 @@ def _shrink_heads(attn: MultiHeadAttention, n_heads: int) -> None:
 
 def lean_modules_(encoder: ConformerEncoder) -> None:
     """In place: NeMo's relative-position attention modules become ``LeanRelPositionMultiHeadAttention`` (the shift a
-    strided view, the scores computed in place) and its masked front end ``LeanMaskedConvSequential`` (no redundant
-    masking passes). The same parameters and the same numbers, bit for bit, with fewer passes over the largest
-    activations; ``GroupNormConformerEncoder`` does this to itself, and it works on NeMo's own encoders too."""
+    strided view, the scores computed in place), its masked front end ``LeanMaskedConvSequential`` (no redundant
+    masking passes) and its blocks ``LeanConformerLayer`` with ``LeanConformerFeedForward`` (one operator per residual
+    update, in place in inference). The same parameters and the same numbers, bit for bit, with fewer passes over the
+    largest activations; ``GroupNormConformerEncoder`` does this to itself, and it works on NeMo's own encoders too."""
     for layer in encoder.layers:
+        lean_layer_(layer)
         if type(layer.self_attn) is RelPositionMultiHeadAttention:
             layer.self_attn.__class__ = LeanRelPositionMultiHeadAttention
     front = getattr(encoder.pre_encode, "conv", None)

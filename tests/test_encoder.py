@@ -160,6 +160,45 @@ def test_lean_front_end_matches_nemos_bit_for_bit(subsampling):
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_lean_blocks_match_nemos_bit_for_bit(dropout):
+    """Every block is the lean one (one operator per residual update, in place in inference, in-place Swish in the
+    FFN); the encoder's outputs and gradients in training (dropout drawn in NeMo's order) and its inference outputs
+    equal those of NeMo's own block and FFN forwards, bit for bit, on a padded batch; the block's input is not
+    written."""
+    from nemo.collections.asr.parts.submodules.conformer_modules import ConformerFeedForward, ConformerLayer
+
+    from nemo_layerfx.layer import LeanConformerFeedForward, LeanConformerLayer
+
+    enc = build(GroupNormConformerEncoder, dropout=dropout, dropout_att=dropout, ff_hidden=[[48, 0], 64])
+    assert all(type(layer) is LeanConformerLayer and type(layer.feed_forward1) is LeanConformerFeedForward
+               for layer in enc.layers)
+    feats, lengths = torch.randn(3, 80, 90), torch.tensor([90, 61, 17])
+
+    def run():
+        enc.train().zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        out, out_len = enc(audio_signal=feats, length=lengths)
+        (out.sin() * (torch.arange(out.shape[-1]) < out_len[:, None, None])).sum().backward()
+        with torch.no_grad():
+            inference = enc.eval()(audio_signal=feats, length=lengths)[0]
+            x = torch.randn(3, 23, enc.d_model)
+            before = x.clone()
+            block = enc.layers[1](x, pad_mask=torch.zeros(3, 23, dtype=torch.bool), pos_emb=enc.pos_enc(x)[1],
+                                  att_mask=torch.zeros(3, 23, 23, dtype=torch.bool))
+        assert torch.equal(x, before)
+        return out.detach(), [p.grad.clone() for p in enc.parameters()], inference, block
+
+    ours = run()
+    for layer in enc.layers:
+        layer.__class__ = ConformerLayer
+        layer.feed_forward1.__class__ = layer.feed_forward2.__class__ = ConformerFeedForward
+    ref = run()
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[2], ref[2]) and torch.equal(ours[3], ref[3])
+    assert all(torch.equal(a, b) for a, b in zip(ours[1], ref[1]))
+
+
+@pytest.mark.unit
 def test_state_dict_moves_both_ways_with_nemo_group_norm():
     ours, stock = build(GroupNormConformerEncoder, seed=3), build(ConformerEncoder, seed=4)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in stock.state_dict().items()}
