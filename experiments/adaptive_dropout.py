@@ -95,17 +95,17 @@ def steps(args: argparse.Namespace) -> int:
     return getattr(args, "max_steps", None) or args.epochs * STEPS_PER_EPOCH
 
 
-def regularizer(args: argparse.Namespace) -> tuple[float, float]:
-    """The gates' α and γ (the paper's when the study's caller does not set them, as ``reproduce.py`` does not)."""
-    return getattr(args, "alpha", DEFAULT_ALPHA), getattr(args, "gamma", DEFAULT_GAMMA)
+def regularizer(args: argparse.Namespace) -> tuple[float, float, float]:
+    """The gates' α, γ and c₀ (the paper's when the study's caller does not set them, as ``reproduce.py`` does
+    not)."""
+    return getattr(args, "alpha", DEFAULT_ALPHA), getattr(args, "gamma", DEFAULT_GAMMA), getattr(args, "c0", DEFAULT_C0)
 
 
 def variant(args: argparse.Namespace) -> str:
     """'' for the paper's α and γ and the study's K share, else a suffix naming what differs ('_g3e-05',
     '_k0.5_a0.0001_g0.01'): it keeps the runs of the gated arms and of the baselines sized to them apart."""
-    k, alpha, gamma = args.k_share, *regularizer(args)
-    named = (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA),
-             ("c", getattr(args, "c0", DEFAULT_C0), DEFAULT_C0))
+    k, alpha, gamma, c0 = args.k_share, *regularizer(args)
+    named = (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA), ("c", c0, DEFAULT_C0))
     return "".join(f"_{name}{v:g}" for name, v, default in named if v != default)
 
 
@@ -125,11 +125,11 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     common = [f"layerfx.seed={seed}", f"exp_manager.exp_dir={run / 'exp'}"]
     preset, extra = "conformer_gn_tiny", []
     if arm in ("adl", "adl_settled"):
-        k, (alpha, gamma) = max(1, round(args.k_share * steps(args))), regularizer(args)
+        k, (alpha, gamma, c0) = max(1, round(args.k_share * steps(args))), regularizer(args)
         preset = "conformer_gn_adaptive_dropout_tiny"
         extra = [f"model.encoder.adaptive_dropout.steps={k}", f"+model.encoder.adaptive_dropout.alpha={alpha}",
                  f"+model.encoder.adaptive_dropout.gamma={gamma}",
-                 f"+model.encoder.adaptive_dropout.c0={getattr(args, 'c0', DEFAULT_C0)}",
+                 f"+model.encoder.adaptive_dropout.c0={c0}",
                  f"trainer.callbacks=[{{_target_: nemo_layerfx.pruning.AdaptiveDropout, out_dir: '{run}'}}]"]
         if arm == "adl_settled":
             extra.append("+model.encoder.adaptive_dropout.settle_after_k=true")
@@ -167,12 +167,12 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
         dense = finished_runs(runs_dir(args, out, "dense"), ["dense"])[0]["dense"]
         by["dense"] = {s: r for s, r in dense.items() if s in seeds}
     n_dev, n_test = split_sizes(args.corpus)
-    alpha, gamma = regularizer(args)
+    alpha, gamma, c0 = regularizer(args)
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "
              "gates on FFN units, query/key and value dims per head and conv groups, "
-             f"c₀ = {getattr(args, 'c0', DEFAULT_C0):g}, α = {alpha:g}, γ = {gamma:g}, "
+             f"c₀ = {c0:g}, α = {alpha:g}, γ = {gamma:g}, "
              f"K = {args.k_share:.0%} of the steps, pruned without fine-tuning; `adl_settled` trains the eval-mask "
              "subnetwork after K. Baselines sized to the pruned `adl` model of the same seed (`*_settled`: to "
              f"`adl_settled`). WER: greedy; dev {n_dev} utterances, test {n_test}. ± is the standard deviation over "
