@@ -2,7 +2,7 @@
 residual stream, the same parameters and the same numbers bit for bit.
 
 After subsampling a Conformer sees short sequences (a 1-s command: 25 frames), so a block's time is mostly the
-per-operator cost of its ~60 operators, and each fresh (B, T, d_model) result costs a CPU fresh pages. That cost
+per-operator cost of its ~60 operators, each fresh (B, T, d_model) result a new allocation. That cost
 does not shrink when pruning narrows a block's FFN, attention or conv module, so it bounds what pruning can win
 (``benchmarks/prune.py`` reports it as the floor model). NeMo's block adds each module's output to the residual
 stream as ``residual + dropout(y) * fc_factor``: a multiplication, an addition and a new tensor per module. Here:
