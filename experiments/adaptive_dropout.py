@@ -95,16 +95,16 @@ def steps(args: argparse.Namespace) -> int:
     return getattr(args, "max_steps", None) or args.epochs * STEPS_PER_EPOCH
 
 
-def regularizer(args: argparse.Namespace) -> tuple[float, float, float]:
-    """The gates' α, γ and c₀ (the paper's when the study's caller does not set them, as ``reproduce.py`` does
-    not)."""
+def gate_settings(args: argparse.Namespace) -> tuple[float, float, float]:
+    """The gates' regularizer weights α and γ and the target's start c₀ (the paper's when the study's caller does not
+    set them, as ``reproduce.py`` does not)."""
     return getattr(args, "alpha", DEFAULT_ALPHA), getattr(args, "gamma", DEFAULT_GAMMA), getattr(args, "c0", DEFAULT_C0)
 
 
 def variant(args: argparse.Namespace) -> str:
     """'' for the paper's α and γ and the study's K share, else a suffix naming what differs ('_g3e-05',
     '_k0.5_a0.0001_g0.01'): it keeps the runs of the gated arms and of the baselines sized to them apart."""
-    k, alpha, gamma, c0 = args.k_share, *regularizer(args)
+    k, alpha, gamma, c0 = args.k_share, *gate_settings(args)
     named = (("k", k, DEFAULT_K_SHARE), ("a", alpha, DEFAULT_ALPHA), ("g", gamma, DEFAULT_GAMMA), ("c", c0, DEFAULT_C0))
     return "".join(f"_{name}{v:g}" for name, v, default in named if v != default)
 
@@ -125,7 +125,7 @@ def run_arm(args: argparse.Namespace, arm: str, seed: int, out: Path) -> dict:
     common = [f"layerfx.seed={seed}", f"exp_manager.exp_dir={run / 'exp'}"]
     preset, extra = "conformer_gn_tiny", []
     if arm in ("adl", "adl_settled"):
-        k, (alpha, gamma, c0) = max(1, round(args.k_share * steps(args))), regularizer(args)
+        k, (alpha, gamma, c0) = max(1, round(args.k_share * steps(args))), gate_settings(args)
         preset = "conformer_gn_adaptive_dropout_tiny"
         extra = [f"model.encoder.adaptive_dropout.steps={k}", f"+model.encoder.adaptive_dropout.alpha={alpha}",
                  f"+model.encoder.adaptive_dropout.gamma={gamma}",
@@ -167,7 +167,7 @@ def summarize(args: argparse.Namespace, out: Path) -> str:
         dense = finished_runs(runs_dir(args, out, "dense"), ["dense"])[0]["dense"]
         by["dense"] = {s: r for s, r in dense.items() if s in seeds}
     n_dev, n_test = split_sizes(args.corpus)
-    alpha, gamma, c0 = regularizer(args)
+    alpha, gamma, c0 = gate_settings(args)
     lines = [f"# Adaptive-dropout pruning ({args.layers} layers, CTC, offline command corpus)", "",
              f"nemo_layerfx {nemo_layerfx.__version__}, torch {torch.__version__}, {platform.machine()} CPU; tiny "
              f"GroupNorm Conformer-CTC preset at {args.layers} layers, {steps(args)} steps, seeds {seeds}; ADL: "

@@ -141,6 +141,15 @@ class MaskedGroupNorm(nn.GroupNorm):
         return y.to(x.dtype)
 
 
+def activate(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``activation(x)`` for an ``x`` the caller just made and no longer needs: without gradients a NeMo ``Swish``
+    (SiLU) overwrites it instead of allocating a new tensor (the conv module's norm output, the FFN's first
+    projection); with gradients, or any other activation, the module runs as usual."""
+    if torch.is_grad_enabled() or type(activation) is not Swish:
+        return activation(x)
+    return F.silu(x, inplace=True)
+
+
 def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A kernel-1 ``Conv1d`` (``weight`` (C_out, C_in, 1)) on x (B, C_in, T) -> (B, C_out, T).
 
@@ -217,9 +226,6 @@ class MaskedConformerConvolution(nn.Module):
             x = x.masked_fill_(pad_mask.unsqueeze(1), 0.0)
         x = self.depthwise_conv(x)
         x = self.batch_norm(x, pad_mask)
-        if torch.is_grad_enabled() or type(self.activation) is not Swish:
-            x = self.activation(x)
-        else:  # inference: the norm's output is new, Swish (SiLU) overwrites it
-            x = F.silu(x, inplace=True)
+        x = activate(self.activation, x)  # the norm's output is new: in inference Swish overwrites it
         x = _pointwise_call(self.pointwise_conv2, x)  # (B, D, T)
         return x.transpose(1, 2)

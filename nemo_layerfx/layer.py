@@ -21,20 +21,16 @@ their own, so checkpoints and NeMo's ``isinstance`` checks are unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from nemo.collections.asr.parts.submodules.conformer_modules import ConformerFeedForward, ConformerLayer
-from nemo.collections.asr.parts.utils.activations import Swish
+
+from nemo_layerfx.conv import activate
 
 
 class LeanConformerFeedForward(ConformerFeedForward):
     """NeMo's FFN; without gradients a Swish activation runs in place on the first projection's fresh output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.linear1(x)
-        if torch.is_grad_enabled() or type(self.activation) is not Swish:
-            x = self.activation(x)
-        else:
-            x = F.silu(x, inplace=True)
+        x = activate(self.activation, self.linear1(x))
         if self.training:
             x = self.dropout(x)
         return self.linear2(x)
