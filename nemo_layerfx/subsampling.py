@@ -5,17 +5,48 @@ padded frames before every layer and once more at the end, each time into a new 
 activations of the whole encoder (64 channels at a quarter or half the frame rate). ``GroupNormConformerEncoder``
 gives its front end ``LeanMaskedConvSequential`` instead.
 
+In CPU inference the front end's convolutions run channels-last (``channels_last_conv``): oneDNN's 2-D convolutions
+on (B, C, T, F) tensors are several times slower than on the same tensors stored (B, T, F, C) (CPU, 2 threads, a
+batch of eight 9-s utterances, 64 channels: the striding front end 128 ms -> 67 ms, timed ad hoc). The front end is
+a fixed cost that pruning the blocks cannot shrink, so it bounds what a pruned model gains
+(``benchmarks/prune.py``). The results are the same convolutions summed in another order: within float rounding of
+NeMo's (~1e-6 relative), not bit for bit; training keeps NeMo's layout and numbers exactly.
+
 Shape notation: B batch, C channels, T frames, F frequency bins.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from nemo.collections.asr.parts.submodules.subsampling import MaskedConvSequential, calculate_conv_output_size
 from torch import nn
 
 # Layers that map 0 to 0 elementwise: a mask applied before one still holds after it.
 ZERO_PRESERVING = (nn.ReLU,)
+
+
+def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for x (B, C_in, T, F), the result (B, C_out, T', F') stored channels-last (module doc).
+
+    A single-channel input (the first layer) becomes one matrix product: its k x k patches are a strided view of
+    the padded input (copied once, k² values per output position, against C_out written), times the (k², C_out)
+    kernel, which writes the result channels-last directly; oneDNN spends most of that layer's time on layout.
+    Any other convolution runs on channels-last copies of its input and weight."""
+    weight = conv.weight
+    if (conv.in_channels == 1 and conv.groups == 1 and conv.padding_mode == "zeros" and conv.dilation == (1, 1)
+            and isinstance(conv.padding, tuple)):
+        (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+        xp = F.pad(x, (pw, pw, ph, ph))  # (B, 1, T + 2 ph, F + 2 pw)
+        b, _, h, w = xp.shape
+        ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+        s = xp.stride()
+        patches = xp.as_strided((b, ho, wo, kh, kw), (s[0], sh * s[2], sw * s[3], s[2], s[3])).reshape(-1, kh * kw)
+        kernel = weight.view(conv.out_channels, kh * kw).t()  # (k², C_out)
+        y = patches @ kernel if conv.bias is None else torch.addmm(conv.bias, patches, kernel)
+        return y.view(b, ho, wo, conv.out_channels).permute(0, 3, 1, 2)  # (B, C_out, T', F'), channels-last
+    cl = torch.channels_last
+    return conv._conv_forward(x.contiguous(memory_format=cl), weight.contiguous(memory_format=cl), conv.bias)
 
 
 class LeanMaskedConvSequential(MaskedConvSequential):
@@ -25,6 +56,7 @@ class LeanMaskedConvSequential(MaskedConvSequential):
       the next layer (and at the end, after a ReLU) changes nothing and is skipped.
     - The other masks multiply in place the tensor a convolution just produced (a convolution's backward does not
       need its output), or, without gradients, any tensor this forward produced; never the caller's input.
+    - CPU inference: the convolutions run channels-last (``channels_last_conv``) and ReLU in place.
 
     No state of its own: checkpoints and NeMo's ``isinstance`` checks are unchanged.
     """
@@ -35,10 +67,16 @@ class LeanMaskedConvSequential(MaskedConvSequential):
         current = lengths.clone().float()
         mask = self._create_mask(x, current.long()).unsqueeze(1)  # (B, 1, T, F), 1.0 on valid frames
         masked, owned = False, False  # x is zero on padded frames already / x may be overwritten
+        fast = not torch.is_grad_enabled() and x.device.type == "cpu"  # CPU inference: channels-last
         for layer in self:
             if not masked:
                 x = x.mul_(mask) if owned else x * mask
-            x = layer(x)
+            if fast and type(layer) is nn.Conv2d:
+                x = channels_last_conv(layer, x)
+            elif fast and type(layer) is nn.ReLU:
+                x = torch.relu_(x)  # owned: without gradients every tensor after the first layer is this forward's
+            else:
+                x = layer(x)
             masked = isinstance(layer, ZERO_PRESERVING)  # x was masked before it, and it keeps the zeros
             owned = isinstance(layer, nn.Conv2d) or not torch.is_grad_enabled()
             if hasattr(layer, "stride") and layer.stride != (1, 1):
