@@ -4,6 +4,12 @@ NeMo's ``group_normG`` normalizes over the whole padded time axis; ``MaskedGroup
 from the valid frames only, with an analytic backward (``_MaskedGroupNormFn``, the reference and the CPU path) so
 training stays as fast as NeMo's; on CUDA the same maths runs as two Triton kernels (``fused_gn.py``).
 
+In CPU inference the conv module runs time-major (``MaskedConformerConvolution._time_major``): every tensor stays
+(B, T, C) as the block's residual stream is, the depthwise convolution is oneDNN's channels-last one and the masked
+GroupNorm reduces (B, T, G, C/G) views. NeMo's layout transposes to (B, C, T) and back, pads a copy for the depthwise
+convolution, and oneDNN's (B, C, T) depthwise kernel has a fixed cost per call that a pruned (narrow) module pays in
+full. Within float rounding of the training path (another summation order), padded frames still exact zeros.
+
 Shape notation: B batch, T frames, D d_model, C conv channels, G groups.
 """
 
@@ -86,6 +92,40 @@ def _masked_group_norm(x, valid, k, weight, bias, num_groups: int, eps: float):
     return y, xm, mean, rstd
 
 
+def _time_major_frames(pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``valid_frames`` laid out for time-major (B, T, G, C/G) tensors: (valid (B, T, 1, 1), k and 1 - k, each
+    (B, 1, 1, 1)); kept like ``valid_frames``' answer, so the 16 conv modules of a forward share it."""
+    kept = _TIME_MAJOR[0]
+    valid, k = valid_frames(pad_mask)
+    if kept is not None and kept[0] is valid:
+        return kept[1]
+    b = valid.shape[0]
+    k = k.view(b, 1, 1, 1)
+    out = (valid.view(b, -1, 1, 1), k, 1.0 - k)
+    _TIME_MAJOR[0] = (valid, out)
+    return out
+
+
+_TIME_MAJOR: list = [None]  # (valid tensor of valid_frames, its time-major views)
+
+
+def masked_group_norm_time_major(x: torch.Tensor, pad_mask: torch.Tensor, norm: "MaskedGroupNorm") -> torch.Tensor:
+    """``norm(x, pad_mask)`` for a time-major x (B, T, C) that the caller hands over (it is overwritten): the
+    valid-frame GroupNorm of ``_masked_group_norm`` (the same two-pass statistics, rescaled to the valid frames),
+    without gradients, reducing (B, T, G, C/G) views instead of transposing to (B, C, T)."""
+    B, T, C = x.shape
+    G = norm.num_groups
+    valid, k, one_minus_k = _time_major_frames(pad_mask)
+    groups = x.view(B, T, G, C // G).mul_(valid)  # padded frames -> 0
+    mean_all = groups.mean(dim=(1, 3), keepdim=True)  # (B, 1, G, 1)
+    var_all = (groups - mean_all).square_().mean(dim=(1, 3), keepdim=True)
+    rstd = torch.addcmul(var_all, mean_all.square(), one_minus_k).mul_(k).clamp_min_(0.0).add_(norm.eps).rsqrt_()
+    scale = rstd * norm.weight.view(1, 1, G, -1) if norm.affine else rstd.expand(B, 1, G, C // G)
+    bias = norm.bias.view(1, 1, G, -1) if norm.affine else x.new_zeros(1, 1, G, C // G)
+    shift = torch.addcmul(bias, mean_all.mul_(k), scale, value=-1.0)  # b - mean * scale, (B, 1, G, C/G)
+    return torch.addcmul(shift, groups, scale).mul_(valid).view(B, T, C)
+
+
 class _MaskedGroupNormFn(torch.autograd.Function):
     """Valid-frame GroupNorm with a hand-written backward.
 
@@ -162,6 +202,14 @@ def pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x.transpose(1, 2), weight.squeeze(-1), bias).transpose(1, 2)
 
 
+def _pointwise_time_major(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``_pointwise_call`` for a time-major x (B, T, C_in) -> (B, T, C_out): a plain ``nn.Conv1d`` is one linear
+    map; a wrapper (a gate, a low-rank factorization) runs its own forward on the (B, C_in, T) view."""
+    if type(module) is nn.Conv1d:
+        return F.linear(x, module.weight.squeeze(-1), module.bias)
+    return module(x.transpose(1, 2)).transpose(1, 2)
+
+
 def _pointwise_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)`` for a pointwise conv module: a plain ``nn.Conv1d`` takes ``pointwise``; a wrapper (a gate, a
     low-rank factorization) runs its own forward."""
@@ -220,6 +268,9 @@ class MaskedConformerConvolution(nn.Module):
                 "span the whole utterance, which a streaming chunk cannot see. Use NeMo's ConformerEncoder with "
                 "conv_norm_type='layer_norm' for cache-aware streaming."
             )
+        if (pad_mask is not None and not torch.is_grad_enabled() and x.device.type == "cpu"
+                and x.dtype == torch.float32 and type(self.batch_norm) is MaskedGroupNorm):
+            return self._time_major(x, pad_mask)
         x = _pointwise_call(self.pointwise_conv1, x.transpose(1, 2))  # (B, 2C, T)
         x = F.glu(x, dim=1)  # (B, C, T), a new tensor (GLU's backward needs only its input): masked in place
         if pad_mask is not None:
@@ -229,3 +280,18 @@ class MaskedConformerConvolution(nn.Module):
         x = activate(self.activation, x)  # the norm's output is new: in inference Swish overwrites it
         x = _pointwise_call(self.pointwise_conv2, x)  # (B, D, T)
         return x.transpose(1, 2)
+
+    def _time_major(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """CPU inference, every tensor (B, T, C) (module doc): x (B, T, D) -> (B, T, D)."""
+        x = F.glu(_pointwise_time_major(self.pointwise_conv1, x), dim=-1)  # (B, T, C), new: masked in place
+        x = x.masked_fill_(pad_mask.unsqueeze(-1), 0.0)
+        conv = self.depthwise_conv
+        left, right = conv._left_padding, conv._right_padding
+        x = x.transpose(1, 2).unsqueeze(2)  # (B, C, 1, T) stored channels-last
+        if left != right:
+            x = F.pad(x, (left, right)).contiguous(memory_format=torch.channels_last)
+        x = F.conv2d(x, conv.weight.unsqueeze(2), conv.bias, padding=(0, left) if left == right else 0,
+                     groups=conv.groups)  # (B, C, 1, T), channels-last
+        x = masked_group_norm_time_major(x.squeeze(2).transpose(1, 2), pad_mask, self.batch_norm)  # (B, T, C)
+        x = activate(self.activation, x)
+        return _pointwise_time_major(self.pointwise_conv2, x)

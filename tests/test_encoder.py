@@ -100,15 +100,36 @@ def test_masked_group_norm_inference_path_equals_the_training_path():
     torch.testing.assert_close(changed[1:2, :, :20], ref, atol=1e-5, rtol=1e-5)
     with torch.inference_mode():  # as NeMo's transcribe runs: inference tensors carry no version counter
         assert torch.equal(norm(x, pad.clone()), changed)
-    # the whole conv module: its inference path (GLU output masked, Swish in place) gives the training path's numbers
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("context", [None, [4, 0], [1, 3]])
+@pytest.mark.parametrize("affine", [True, False])
+def test_conv_module_time_major_inference_matches_the_training_path(context, affine):
+    """CPU inference runs the conv module time-major (channels-last depthwise convolution, GroupNorm over (B, T, G,
+    C/G) views): the training path's outputs within float rounding, for symmetric and causal (asymmetric) contexts
+    and a norm without affine parameters; padded frames still do not leak into the valid ones."""
     from nemo_layerfx.conv import MaskedConformerConvolution
 
-    conv = MaskedConformerConvolution(d_model=24, kernel_size=5, num_groups=4, channels=16)
+    torch.manual_seed(0)
+    conv = MaskedConformerConvolution(d_model=24, kernel_size=5, num_groups=4, channels=16, conv_context_size=context)
+    if affine:
+        torch.nn.init.normal_(conv.batch_norm.weight)
+        torch.nn.init.normal_(conv.batch_norm.bias)
+    else:
+        conv.batch_norm = MaskedGroupNorm(4, 16, affine=False)
     h = torch.randn(3, 50, 24)
+    pad = torch.arange(50)[None, :] >= torch.tensor([50, 31, 7])[:, None]
     with torch.no_grad():
         inferred = conv(h, pad)
+        garbage = h.clone()
+        garbage[pad] = 1e3  # other values on the padded frames: the valid frames' outputs are unchanged
+        again = conv(garbage, pad)
     trained = conv(h.clone().requires_grad_(), pad)
-    assert trained.grad_fn is not None and torch.equal(inferred, trained.detach())
+    assert trained.grad_fn is not None
+    assert not torch.equal(inferred, trained.detach())  # another summation order: the time-major path was taken
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(again[~pad], inferred[~pad])
 
 
 @pytest.mark.unit
