@@ -69,12 +69,47 @@ def attend(scores: torch.Tensor, mask: torch.Tensor | None, dropout: nn.Module, 
     return dropout(attn) @ v
 
 
+def inference_cache(module: nn.Module, build) -> object:
+    """``build()``, computed once and kept on ``module`` until one of its parameters changes (storage, version or
+    device). For weights derived from parameters in inference (no gradients): padded heads, fused projections."""
+    key = tuple((p.data_ptr(), p._version, p.device) for p in module.parameters())
+    kept = module.__dict__.get("_inference_cache")
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    value = build()
+    module.__dict__["_inference_cache"] = (key, value)
+    return value
+
+
+def fused_self_projection(x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads: int,
+                          qk: int, v: int) -> tuple[torch.Tensor, ...]:
+    """Self-attention's projections of x (B, T, D) as one matrix product (inference). ``fused`` (``fuse_weights``):
+    the query, key and value weights stacked, their biases with the position bias u added to the query's, and
+    v - u. Returns q + u, q + v, k, each (B, H, T, qk), and v (B, H, T, v).
+
+    One product and one addition instead of three products and two additions: on short utterances a pruned block
+    pays these per-call costs, not the arithmetic. The position biases are folded into the query bias, so the sums
+    round differently from NeMo's (q + b) + u: within float rounding, not bit for bit."""
+    weight, bias, v_minus_u = fused
+    n = heads * qk
+    q_u, k, val = (t.unflatten(-1, (heads, width)).transpose(1, 2) for t, width in
+                   zip(F.linear(x, weight, bias).split([n, n, heads * v], dim=-1), (qk, qk, v)))
+    return q_u, q_u + v_minus_u, k, val
+
+
+def fuse_weights(wq, bq, u, w, wk, bk, wv, bv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``fused_self_projection``'s stacked weight, bias and v - u (u, w: the position biases, (H, qk))."""
+    return torch.cat([wq, wk, wv]), torch.cat([bq + u.flatten(), bk, bv]), (w - u).unsqueeze(1)
+
+
 class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
     """NeMo's relative-position attention, the same parameters and the same numbers, with a leaner score path.
 
     The scores are computed in place (``rel_scores``, then ``attend``) and the shift is the view ``rel_shift``; NeMo
     allocates a new (B, H, T1, T2) tensor at each step, which on long utterances costs a CPU more than the arithmetic.
-    Outputs and gradients are bit-identical to NeMo's forward (a test checks it). A streaming cache or
+    Outputs and gradients are bit-identical to NeMo's forward (a test checks it). Self-attention without gradients
+    projects once (``fused_self_projection``; plain ``nn.Linear`` projections only, not gated or low-rank ones),
+    within float rounding of NeMo. A streaming cache or
     ``use_pytorch_sdpa`` takes NeMo's forward. ``GroupNormConformerEncoder`` gives this class to every one of its
     ``RelPositionMultiHeadAttention`` modules (``encoder.lean_modules_``): it has no state of its own, so checkpoints
     and NeMo's ``isinstance`` checks are unchanged.
@@ -89,6 +124,16 @@ class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
             query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
         with avoid_float16_autocast_context():
             b = query.size(0)
+            if (query is key is value and not torch.is_grad_enabled() and query.dtype == torch.float32
+                    and all(type(m) is nn.Linear and m.bias is not None for m in (self.linear_q, self.linear_k,
+                                                                                   self.linear_v))):
+                fused = inference_cache(self, lambda: fuse_weights(
+                    self.linear_q.weight, self.linear_q.bias, self.pos_bias_u, self.pos_bias_v,
+                    self.linear_k.weight, self.linear_k.bias, self.linear_v.weight, self.linear_v.bias))
+                q_u, q_v, k, v = fused_self_projection(query, fused, self.h, self.d_k, self.d_k)
+                p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)
+                out = attend(rel_scores(q_u, q_v, k, p, self.s_d_k), mask, self.dropout, v)  # (B, H, T1, d_k)
+                return self.linear_out(out.transpose(1, 2).reshape(b, -1, self.h * self.d_k))
             q = self.linear_q(query).view(b, -1, self.h, self.d_k)  # (B, T1, H, d_k)
             k = self.linear_k(key).view(b, -1, self.h, self.d_k).transpose(1, 2)  # (B, H, T2, d_k)
             v = self.linear_v(value).view(b, -1, self.h, self.d_k).transpose(1, 2)
@@ -159,15 +204,15 @@ class RaggedMultiHeadAttention(nn.Module):
         """Every projection's weight and bias, and the position biases, padded per head (``_pad_rows``); the output
         projection's weight with its columns padded like the values.
 
-        Without gradients (inference) they are computed once and kept until a parameter changes (its storage,
-        version or device), so a pruned model's inference pays nothing for the padding; with gradients enabled they
-        are recomputed every forward, so that autograd reaches the parameters."""
-        cache = not torch.is_grad_enabled()
-        if cache:
-            key = tuple((p.data_ptr(), p._version, p.device) for p in self.parameters())
-            kept = self.__dict__.get("_padded_cache")
-            if kept is not None and kept[0] == key:
-                return kept[1]
+        Without gradients (inference) they are computed once and kept until a parameter changes
+        (``inference_cache``), so a pruned model's inference pays nothing for the padding, and the self-attention
+        projections are also stacked for ``fused_self_projection`` ("qkv"); with gradients enabled they are
+        recomputed every forward, so that autograd reaches the parameters."""
+        if not torch.is_grad_enabled():
+            return inference_cache(self, self._build_padded_weights)
+        return self._build_padded_weights()
+
+    def _build_padded_weights(self) -> dict[str, torch.Tensor | None]:
         qk, v = self.qk_index, self.v_index
         out = {}
         for name, index in (("q", qk), ("k", qk), ("v", v)) + ((("pos", qk),) if self.rel_pos else ()):
@@ -178,10 +223,8 @@ class RaggedMultiHeadAttention(nn.Module):
             out["w"] = self._pad_rows(self.pos_bias_v, qk).view(self.h, 1, self.max_qk)
         weight = self.linear_out.weight  # (D, Σ v)
         out["out"] = weight if v is None else self._pad_rows(weight.t(), v).t().contiguous()
-        if cache:
-            self.__dict__["_padded_cache"] = (key, out)
-        else:
-            self.__dict__.pop("_padded_cache", None)
+        if (not torch.is_grad_enabled() and self.rel_pos and all(out[n][1] is not None for n in ("q", "k", "v"))):
+            out["qkv"] = fuse_weights(*out["q"], out["u"].squeeze(1), out["w"].squeeze(1), *out["k"], *out["v"])
         return out
 
     def _project(self, weights: tuple, x: torch.Tensor, width: int) -> torch.Tensor:
@@ -196,6 +239,11 @@ class RaggedMultiHeadAttention(nn.Module):
             query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
         with avoid_float16_autocast_context():
             pw = self._padded_weights()
+            if "qkv" in pw and query is key is value and query.dtype == torch.float32:  # inference, self-attention
+                p = self._project(pw["pos"], pos_emb, self.max_qk)  # (1, H, P, widest qk)
+                q_u, q_w, k, v = fused_self_projection(query, pw["qkv"], self.h, self.max_qk, self.max_v)
+                out = attend(rel_scores(q_u, q_w, k, p, self.s_d_k), mask, self.dropout, v)
+                return F.linear(out.transpose(1, 2).flatten(2), pw["out"], self.linear_out.bias)  # (B, T1, D)
             q = self._project(pw["q"], query, self.max_qk)  # (B, H, T1, widest qk)
             k = self._project(pw["k"], key, self.max_qk)  # (B, H, T2, widest qk)
             v = self._project(pw["v"], value, self.max_v)  # (B, H, T2, widest v)
