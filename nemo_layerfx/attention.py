@@ -71,7 +71,14 @@ def attend(scores: torch.Tensor, mask: torch.Tensor | None, dropout: nn.Module, 
 
 def inference_cache(module: nn.Module, build) -> object:
     """``build()``, computed once and kept on ``module`` until one of its parameters changes (storage, version or
-    device). For weights derived from parameters in inference (no gradients): padded heads, fused projections."""
+    device), the module switches between training and eval mode, or it runs a forward with gradients
+    (``drop_inference_cache``). For weights derived from parameters in inference: padded heads, fused projections.
+
+    The version alone is not enough: torch's fused optimizers (``AdamW(fused=True)``, which our configs ship)
+    update parameters in place without bumping it, so a validation after a training step would otherwise use the
+    weights of the step before. Every training loop runs a forward with gradients before it steps, and Lightning
+    switches modes around validation. (Not covered: an inference forward between ``backward()`` and a fused
+    ``step()`` in the same mode, then another inference forward.)"""
     key = tuple((p.data_ptr(), p._version, p.device) for p in module.parameters())
     kept = module.__dict__.get("_inference_cache")
     if kept is not None and kept[0] == key:
@@ -79,6 +86,11 @@ def inference_cache(module: nn.Module, build) -> object:
     value = build()
     module.__dict__["_inference_cache"] = (key, value)
     return value
+
+
+def drop_inference_cache(module: nn.Module) -> None:
+    """Forget what ``inference_cache`` kept on ``module``."""
+    module.__dict__.pop("_inference_cache", None)
 
 
 def fused_self_projection(x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads: int,
@@ -89,7 +101,9 @@ def fused_self_projection(x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tens
 
     One product and one addition instead of three products and two additions: on short utterances a pruned block
     pays these per-call costs, not the arithmetic. The position biases are folded into the query bias, so the sums
-    round differently from NeMo's (q + b) + u: within float rounding, not bit for bit."""
+    round differently from NeMo's (q + b) + u: within float rounding, not bit for bit. CPU only (the path our GPU
+    timings were taken on stays as it was); the stacked weight is a copy, kept while the parameters do not change:
+    inference holds the query, key and value weights twice."""
     weight, bias, v_minus_u = fused
     n = heads * qk
     q_u, k, val = (t.unflatten(-1, (heads, width)).transpose(1, 2) for t, width in
@@ -107,7 +121,7 @@ class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
 
     The scores are computed in place (``rel_scores``, then ``attend``) and the shift is the view ``rel_shift``; NeMo
     allocates a new (B, H, T1, T2) tensor at each step, which on long utterances costs a CPU more than the arithmetic.
-    Outputs and gradients are bit-identical to NeMo's forward (a test checks it). Self-attention without gradients
+    Outputs and gradients are bit-identical to NeMo's forward (a test checks it). CPU self-attention without gradients
     projects once (``fused_self_projection``; plain ``nn.Linear`` projections only, not gated or low-rank ones),
     within float rounding of NeMo. A streaming cache or
     ``use_pytorch_sdpa`` takes NeMo's forward. ``GroupNormConformerEncoder`` gives this class to every one of its
@@ -117,16 +131,23 @@ class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
 
     rel_shift = staticmethod(rel_shift)  # also for NeMo's forward, which the streaming and SDPA paths take
 
+    def train(self, mode: bool = True):
+        drop_inference_cache(self)
+        return super().train(mode)
+
     def forward(self, query, key, value, mask, pos_emb, cache=None):
+        if torch.is_grad_enabled():
+            drop_inference_cache(self)
         if cache is not None or self.use_pytorch_sdpa:
             return super().forward(query, key, value, mask, pos_emb, cache=cache)
         if torch.is_autocast_enabled():
             query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
         with avoid_float16_autocast_context():
             b = query.size(0)
+            projections = (self.linear_q, self.linear_k, self.linear_v)
             if (query is key is value and not torch.is_grad_enabled() and query.dtype == torch.float32
-                    and all(type(m) is nn.Linear and m.bias is not None for m in (self.linear_q, self.linear_k,
-                                                                                   self.linear_v))):
+                    and query.device.type == "cpu"
+                    and all(type(m) is nn.Linear and m.bias is not None for m in projections)):
                 fused = inference_cache(self, lambda: fuse_weights(
                     self.linear_q.weight, self.linear_q.bias, self.pos_bias_u, self.pos_bias_v,
                     self.linear_k.weight, self.linear_k.bias, self.linear_v.weight, self.linear_v.bias))
@@ -210,7 +231,12 @@ class RaggedMultiHeadAttention(nn.Module):
         recomputed every forward, so that autograd reaches the parameters."""
         if not torch.is_grad_enabled():
             return inference_cache(self, self._build_padded_weights)
+        drop_inference_cache(self)
         return self._build_padded_weights()
+
+    def train(self, mode: bool = True):
+        drop_inference_cache(self)
+        return super().train(mode)
 
     def _build_padded_weights(self) -> dict[str, torch.Tensor | None]:
         qk, v = self.qk_index, self.v_index
@@ -239,7 +265,8 @@ class RaggedMultiHeadAttention(nn.Module):
             query, key, value = query.to(torch.float32), key.to(torch.float32), value.to(torch.float32)
         with avoid_float16_autocast_context():
             pw = self._padded_weights()
-            if "qkv" in pw and query is key is value and query.dtype == torch.float32:  # inference, self-attention
+            if ("qkv" in pw and query is key is value and query.dtype == torch.float32
+                    and query.device.type == "cpu"):  # CPU inference, self-attention
                 p = self._project(pw["pos"], pos_emb, self.max_qk)  # (1, H, P, widest qk)
                 q_u, q_w, k, v = fused_self_projection(query, pw["qkv"], self.h, self.max_qk, self.max_v)
                 out = attend(rel_scores(q_u, q_w, k, p, self.s_d_k), mask, self.dropout, v)

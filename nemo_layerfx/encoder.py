@@ -121,8 +121,10 @@ def lean_modules_(encoder: ConformerEncoder) -> None:
     """In place: NeMo's relative-position attention modules become ``LeanRelPositionMultiHeadAttention`` (the shift a
     strided view, the scores computed in place), its masked front end ``LeanMaskedConvSequential`` (no redundant
     masking passes) and its blocks ``LeanConformerLayer`` with ``LeanConformerFeedForward`` (one operator per residual
-    update, in place in inference). The same parameters and the same numbers, bit for bit, with fewer passes over the
-    largest activations; ``GroupNormConformerEncoder`` does this to itself, and it works on NeMo's own encoders too."""
+    update, in place in inference). The same parameters, and in training the same numbers bit for bit, with fewer
+    passes over the largest activations; CPU inference takes other layouts (channels-last front end, one attention
+    projection), within float rounding. ``GroupNormConformerEncoder`` does this to itself, and it works on NeMo's own
+    encoders too."""
     for layer in encoder.layers:
         lean_layer_(layer)
         if type(layer.self_attn) is RelPositionMultiHeadAttention:

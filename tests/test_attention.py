@@ -171,3 +171,29 @@ def test_encoder_attention_is_the_lean_one_and_matches_nemos_bit_for_bit():
     assert torch.equal(out, ref_out) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
     assert not torch.equal(inference, ref_inference)  # the fused inference projection was taken
     torch.testing.assert_close(inference, ref_inference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_inference_weights_follow_a_fused_optimizer_step(ragged):
+    """torch's fused AdamW updates parameters in place without bumping their versions: the weights inference keeps
+    (fused projections, padded heads) must still follow every training step, as Lightning's validation runs them."""
+    torch.manual_seed(0)
+    enc = GroupNormConformerEncoder(feat_in=16, n_layers=2, d_model=32, n_heads=4, conv_kernel_size=5,
+                                    subsampling_conv_channels=8, conv_norm_type="group_norm4",
+                                    layer_qk_dims=[[8, 5, 8, 3]] * 2 if ragged else None,
+                                    layer_v_dims=[[2, 8, 8, 6]] * 2 if ragged else None)
+    assert (type(enc.layers[0].self_attn) is RaggedMultiHeadAttention) == ragged
+    feats, lengths = torch.randn(3, 16, 61), torch.tensor([61, 40, 23])
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        with torch.no_grad():  # validation: builds the kept weights
+            enc.eval()(audio_signal=feats, length=lengths)
+        enc.train()
+        opt.zero_grad()
+        enc(audio_signal=feats, length=lengths)[0].square().mean().backward()
+        opt.step()
+        enc.eval()
+        with torch.no_grad():
+            inferred = enc(audio_signal=feats, length=lengths)[0]
+        reference = enc(audio_signal=feats, length=lengths)[0].detach()  # eval, with gradients: nothing kept
+        torch.testing.assert_close(inferred, reference, rtol=1e-5, atol=1e-5)
