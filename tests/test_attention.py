@@ -74,13 +74,20 @@ def _inputs(lengths=(11, 7, 4)):
     ([8, 2, 5, 1], [1, 8, 3, 6]),  # every head its own width
     ([0, 4, 8, 2], [3, 0, 2, 8]),  # a head with no query/key (uniform attention) and one with no values
 ])
-def test_ragged_attention_equals_nemo_attention_with_zeroed_dimensions(qk_dims, v_dims):
+@pytest.mark.parametrize("grad", [True, False], ids=["training-path", "inference"])
+def test_ragged_attention_equals_nemo_attention_with_zeroed_dimensions(qk_dims, v_dims, grad):
+    """Inference (no gradients, CPU) takes the fused projection with the values padded to a multiple of 8 and the
+    additive mask; padded query frames give NeMo's output there too (zero weights, linear_out's bias)."""
     ref, rag = _pair(qk_dims, v_dims)
     x, mask, pos_emb, valid = _inputs()
-    want = ref(x, x, x, mask, pos_emb)
-    got = rag(x, x, x, mask, pos_emb)
+    with torch.set_grad_enabled(grad):
+        want = ref(x, x, x, mask, pos_emb)
+        got = rag(x, x, x, mask, pos_emb)
     assert got.shape == want.shape
-    torch.testing.assert_close(got[valid], want[valid], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert rag.cpu_v % 8 == 0 and rag.cpu_v >= rag.max_v
+    if not grad:
+        assert rag._inference_cache[1]["out"].size(1) == rag.h * rag.cpu_v  # the padded layout was the one used
 
 
 def test_ragged_attention_gradients_reach_the_kept_dimensions_only_once():
@@ -197,3 +204,32 @@ def test_inference_weights_follow_a_fused_optimizer_step(ragged):
             inferred = enc(audio_signal=feats, length=lengths)[0]
         reference = enc(audio_signal=feats, length=lengths)[0].detach()  # eval, with gradients: nothing kept
         torch.testing.assert_close(inferred, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("context", [None, (3, 0), (2, 2)], ids=["full", "causal-3", "limited-2-2"])
+def test_inference_masking_by_addition_equals_nemos_masked_fill_bit_for_bit(context):
+    """CPU inference masks the scores by adding -INF_VAL (``additive_mask``) and zeroes the rows of padded query
+    frames afterwards; NeMo fills before and after the softmax. Same numbers bit for bit, with padded frames and
+    limited attention contexts; the additive form kept for one mask tensor follows an in-place change of it."""
+    from nemo_layerfx.attention import attend
+
+    torch.manual_seed(0)
+    b, h, t = 3, 4, 13
+    valid = torch.arange(t)[None] < torch.tensor([13, 9, 4])[:, None]
+    mask = ~(valid[:, :, None] & valid[:, None, :])
+    if context is not None:
+        rel = torch.arange(t)[None, :] - torch.arange(t)[:, None]  # key - query
+        mask = mask | ((rel < -context[0]) | (rel > context[1]))[None]
+    scores, v = torch.randn(b, h, t, t) * 4, torch.randn(b, h, t, 5)
+    drop = torch.nn.Dropout(0.0).eval()
+    with torch.enable_grad():  # NeMo's masked_fill arithmetic
+        want = attend(scores.clone(), mask, drop, v)
+    with torch.no_grad():
+        got = attend(scores.clone(), mask, drop, v)
+        assert torch.equal(got, want)
+        rows = got.transpose(1, 2)[~valid]  # (padded query frames, H, d_v)
+        assert rows.numel() and torch.equal(rows, torch.zeros_like(rows))  # padded query frames: zero output
+        mask[0, 0, 1] = True  # the same tensor, written to: the kept additive form must not be reused
+        with torch.enable_grad():
+            want = attend(scores.clone(), mask, drop, v)
+        assert torch.equal(attend(scores.clone(), mask, drop, v), want)
