@@ -38,7 +38,10 @@ def rel_shift(x: torch.Tensor) -> torch.Tensor:
     every relative-position attention of ``GroupNormConformerEncoder``.
     """
     b, h, t1, p = x.shape
-    if p == 2 * t1 - 1 and x.stride(-1) == 1 and x.stride(-2) == p:
+    if torch.jit.is_tracing():  # strides are recorded as constants, shapes are not: take them from a contiguous x's
+        if p == 2 * t1 - 1 and x.is_contiguous():
+            return x.as_strided((b, h, t1, t1), (h * t1 * p, t1 * p, p - 1, 1), x.storage_offset() + t1 - 1)
+    elif p == 2 * t1 - 1 and x.stride(-1) == 1 and x.stride(-2) == p:
         return x.as_strided((b, h, t1, t1), (x.stride(0), x.stride(1), p - 1, 1), x.storage_offset() + t1 - 1)
     x = torch.nn.functional.pad(x, pad=(1, 0)).view(b, h, -1, t1)
     return x[:, :, 1:].view(b, h, t1, p)
@@ -89,13 +92,15 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     numbers; a row with none (a padded query frame) gets NeMo's zero output. Every layer of a forward receives the
     same mask tensor, so the conversion is kept (for that tensor, while it lives and is not written to) and made
     once per forward."""
+    version = -1 if mask.is_inference() else mask._version  # inference_mode tensors keep no version
     kept = _ADDITIVE.get("mask")
-    if kept is not None and kept[0]() is mask and kept[1] == (mask._version, dtype):
+    if kept is not None and kept[0]() is mask and kept[1] == (version, dtype):
         return kept[2]
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -INF_VAL).unsqueeze(1)
     empty = mask.all(dim=-1)  # (B, T1): no allowed key
-    keep = (~empty).to(dtype)[:, None, :, None] if bool(empty.any()) else None
-    _ADDITIVE["mask"] = (weakref.ref(mask, lambda _: _ADDITIVE.clear()), (mask._version, dtype), (bias, keep))
+    # (a traced graph must not depend on this batch's padding)
+    keep = (~empty).to(dtype)[:, None, :, None] if torch.jit.is_tracing() or bool(empty.any()) else None
+    _ADDITIVE["mask"] = (weakref.ref(mask, lambda _: _ADDITIVE.clear()), (version, dtype), (bias, keep))
     return bias, keep
 
 
@@ -108,7 +113,10 @@ def inference_cache(module: nn.Module, build) -> object:
     update parameters in place without bumping it, so a validation after a training step would otherwise use the
     weights of the step before. Every training loop runs a forward with gradients before it steps, and Lightning
     switches modes around validation. (Not covered: an inference forward between ``backward()`` and a fused
-    ``step()`` in the same mode, then another inference forward.)"""
+    ``step()`` in the same mode, then another inference forward.) While ``torch.jit.trace`` runs (NeMo's
+    TorchScript export) nothing is kept: the traced graph derives the weights from the parameters."""
+    if torch.jit.is_tracing():  # an export records the weights' derivation from the parameters, keeps nothing
+        return build()
     key = tuple((p.data_ptr(), p._version, p.device) for p in module.parameters())
     kept = module.__dict__.get("_inference_cache")
     if kept is not None and kept[0] == key:
