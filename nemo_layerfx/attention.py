@@ -25,6 +25,12 @@ from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL, 
 from nemo.utils import avoid_float16_autocast_context
 from torch import nn
 
+from nemo_layerfx.inference import (  # noqa: F401 (inference_cache's public home was this module)
+    KeptInferenceWeights,
+    drop_inference_cache,
+    inference_cache,
+)
+
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:
     """NeMo's relative shift: (B, H, T1, P) scores by relative position -> (B, H, T1, T1) by absolute key position.
@@ -104,33 +110,6 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     return bias, keep
 
 
-def inference_cache(module: nn.Module, build) -> object:
-    """``build()``, computed once and kept on ``module`` until one of its parameters changes (storage, version or
-    device), the module switches between training and eval mode, or it runs a forward with gradients
-    (``drop_inference_cache``). For weights derived from parameters in inference: padded heads, fused projections.
-
-    The version alone is not enough: torch's fused optimizers (``AdamW(fused=True)``, which our configs ship)
-    update parameters in place without bumping it, so a validation after a training step would otherwise use the
-    weights of the step before. Every training loop runs a forward with gradients before it steps, and Lightning
-    switches modes around validation. (Not covered: an inference forward between ``backward()`` and a fused
-    ``step()`` in the same mode, then another inference forward.) While ``torch.jit.trace`` runs (NeMo's
-    TorchScript export) nothing is kept: the traced graph derives the weights from the parameters."""
-    if torch.jit.is_tracing():  # an export records the weights' derivation from the parameters, keeps nothing
-        return build()
-    key = tuple((p.data_ptr(), p._version, p.device) for p in module.parameters())
-    kept = module.__dict__.get("_inference_cache")
-    if kept is not None and kept[0] == key:
-        return kept[1]
-    value = build()
-    module.__dict__["_inference_cache"] = (key, value)
-    return value
-
-
-def drop_inference_cache(module: nn.Module) -> None:
-    """Forget what ``inference_cache`` kept on ``module``."""
-    module.__dict__.pop("_inference_cache", None)
-
-
 def fused_self_projection(x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads: int,
                           qk: int, v: int) -> tuple[torch.Tensor, ...]:
     """Self-attention's projections of x (B, T, D) as one matrix product (inference). ``fused`` (``fuse_weights``):
@@ -154,7 +133,7 @@ def fuse_weights(wq, bq, u, w, wk, bk, wv, bv) -> tuple[torch.Tensor, torch.Tens
     return torch.cat([wq, wk, wv]), torch.cat([bq + u.flatten(), bk, bv]), (w - u).unsqueeze(1)
 
 
-class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
+class LeanRelPositionMultiHeadAttention(KeptInferenceWeights, RelPositionMultiHeadAttention):
     """NeMo's relative-position attention, the same parameters and the same numbers, with a leaner score path.
 
     The scores are computed in place (``rel_scores``, then ``attend``) and the shift is the view ``rel_shift``; NeMo
@@ -169,13 +148,7 @@ class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
 
     rel_shift = staticmethod(rel_shift)  # also for NeMo's forward, which the streaming and SDPA paths take
 
-    def train(self, mode: bool = True):
-        drop_inference_cache(self)
-        return super().train(mode)
-
     def forward(self, query, key, value, mask, pos_emb, cache=None):
-        if torch.is_grad_enabled():
-            drop_inference_cache(self)
         if cache is not None or self.use_pytorch_sdpa:
             return super().forward(query, key, value, mask, pos_emb, cache=cache)
         if torch.is_autocast_enabled():
@@ -203,7 +176,7 @@ class LeanRelPositionMultiHeadAttention(RelPositionMultiHeadAttention):
             return self.linear_out(out.transpose(1, 2).reshape(b, -1, self.h * self.d_k))
 
 
-class RaggedMultiHeadAttention(nn.Module):
+class RaggedMultiHeadAttention(KeptInferenceWeights, nn.Module):
     """Heads of widths ``qk_dims[h]`` (queries, keys, positions) and ``v_dims[h]`` (values)."""
 
     def __init__(self, d_model: int, qk_dims: Sequence[int], v_dims: Sequence[int], head_dim: int,
@@ -274,12 +247,7 @@ class RaggedMultiHeadAttention(nn.Module):
         recomputed every forward, so that autograd reaches the parameters."""
         if not torch.is_grad_enabled():
             return inference_cache(self, self._build_padded_weights)
-        drop_inference_cache(self)
         return self._build_padded_weights()
-
-    def train(self, mode: bool = True):
-        drop_inference_cache(self)
-        return super().train(mode)
 
     def _build_padded_weights(self) -> dict[str, torch.Tensor | None]:
         fused = (not torch.is_grad_enabled() and self.rel_pos and self.linear_q.weight.device.type == "cpu"

@@ -183,15 +183,24 @@ def test_encoder_attention_is_the_lean_one_and_matches_nemos_bit_for_bit():
 @pytest.mark.parametrize("ragged", [False, True])
 def test_inference_weights_follow_a_fused_optimizer_step(ragged):
     """torch's fused AdamW updates parameters in place without bumping their versions: the weights inference keeps
-    (fused projections, padded heads) must still follow every training step, as Lightning's validation runs them."""
+    (fused projections, padded heads, FFN hidden layers padded to a multiple of 8) must still follow every training
+    step, as Lightning's validation runs them, and also a step taken after an inference call in the same mode."""
     torch.manual_seed(0)
     enc = GroupNormConformerEncoder(feat_in=16, n_layers=2, d_model=32, n_heads=4, conv_kernel_size=5,
                                     subsampling_conv_channels=8, conv_norm_type="group_norm4",
+                                    ff_hidden=[[37, 50]] * 2 if ragged else None,
                                     layer_qk_dims=[[8, 5, 8, 3]] * 2 if ragged else None,
                                     layer_v_dims=[[2, 8, 8, 6]] * 2 if ragged else None)
     assert (type(enc.layers[0].self_attn) is RaggedMultiHeadAttention) == ragged
     feats, lengths = torch.randn(3, 16, 61), torch.tensor([61, 40, 23])
     opt = torch.optim.AdamW(enc.parameters(), lr=1e-2, fused=True)
+
+    def check():
+        with torch.no_grad():
+            inferred = enc(audio_signal=feats, length=lengths)[0]
+        reference = enc(audio_signal=feats, length=lengths)[0].detach()  # with gradients: nothing kept
+        torch.testing.assert_close(inferred, reference, rtol=1e-5, atol=1e-5)
+
     for _ in range(2):
         with torch.no_grad():  # validation: builds the kept weights
             enc.eval()(audio_signal=feats, length=lengths)
@@ -200,10 +209,15 @@ def test_inference_weights_follow_a_fused_optimizer_step(ragged):
         enc(audio_signal=feats, length=lengths)[0].square().mean().backward()
         opt.step()
         enc.eval()
-        with torch.no_grad():
-            inferred = enc(audio_signal=feats, length=lengths)[0]
-        reference = enc(audio_signal=feats, length=lengths)[0].detach()  # eval, with gradients: nothing kept
-        torch.testing.assert_close(inferred, reference, rtol=1e-5, atol=1e-5)
+        check()
+    if ragged:
+        assert "_inference_cache" in enc.layers[0].feed_forward1.__dict__  # the padded FFN path was taken
+    opt.zero_grad()  # in eval mode throughout: backward, then an inference call keeps weights, then the step
+    enc(audio_signal=feats, length=lengths)[0].square().mean().backward()
+    with torch.no_grad():
+        enc(audio_signal=feats, length=lengths)
+    opt.step()
+    check()
 
 
 @pytest.mark.parametrize("context", [None, (3, 0), (2, 2)], ids=["full", "causal-3", "limited-2-2"])
