@@ -9,7 +9,9 @@ In one run, at Conformer-M width (16 layers, d_model 256, 4 heads) on real batch
   encoder alone, on features computed beforehand; the shared mel preprocessor is timed in the same rounds and the
   speed-up with it added is reported too),
   with the limit the parameter ratio sets (1 / ratio), and a floor model pruned to one unit per gate: what
-  pruning cannot remove, and the speed-up it leaves reachable at the pruned model's size.
+  pruning cannot remove, and the speed-up it leaves reachable at the pruned model's size;
+- the same three encoders as NeMo's TorchScript export writes them (``encoder.export("enc.ts")``: traced, frozen),
+  which is how a model is deployed without Python, and which drops Python's per-operator cost.
 
 Which units are pruned: by default every gate keeps the share ``--keep`` of its units (drawn at random, seeded);
 ``--survival survival.json`` (from a trained model: ``layerfx prune --report`` or the AdaptiveDropout callback)
@@ -22,8 +24,10 @@ results/prune_<device>.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
+import tempfile
 from pathlib import Path
 
 import torch
@@ -67,6 +71,26 @@ def set_keep_(model, keep: dict[str, list[float]] | float, seed: int = 0) -> Non
                 gate.beta_prime[order[:n_keep]] = 1.0  # β = 8 >= c_inf: kept
 
 
+def export_encoder(model, path: Path):
+    """The model's encoder as NeMo's TorchScript export writes it (``Exportable.export``: traced under inference
+    mode, frozen), loaded back; exported from a copy, so the timed eager model is untouched."""
+    copy.deepcopy(model.encoder).eval().export(str(path), check_trace=False)
+    return torch.jit.load(str(path), map_location=next(model.parameters()).device)
+
+
+def exported_forward(encoder, model, audio, lengths):
+    """An exported encoder's inference on the model's features (computed once, outside the timed call)."""
+    model.eval()
+    with torch.no_grad():
+        feats, flen = model.preprocessor(input_signal=audio, length=lengths)
+
+    @torch.no_grad()
+    def forward() -> None:
+        encoder(feats, flen)
+
+    return forward
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True)
@@ -99,6 +123,8 @@ def main() -> None:
     models = {"dense": dense.to(args.device), "gated": gated.to(args.device), "pruned": pruned.to(args.device),
               "floor": floor.to(args.device)}
     params = {k: count_params(remove_gates(m) if k == "gated" else m) for k, m in models.items()}
+    export_dir = tempfile.TemporaryDirectory()
+    exported = {k: export_encoder(models[k], Path(export_dir.name) / f"{k}.ts") for k in ("dense", "pruned", "floor")}
     batches, tmp = length_batches(args.corpus, args.sentences, args.batch, args.joined_seconds)
     settings = {}
     for name, (audio, lengths, texts) in batches.items():
@@ -113,6 +139,9 @@ def main() -> None:
         # inference time linear in the parameters between the floor and the dense model, at the pruned model's size
         share = (params["pruned"] - params["floor"]) / (params["dense"] - params["floor"])
         linear = t["dense"] / (t["floor"] + share * (t["dense"] - t["floor"]))
+        exp = time_interleaved({k: exported_forward(exported[k], models[k], audio, lengths)
+                                for k in ("dense", "pruned", "floor")}, 2 * args.rounds)
+        te = {k: statistics.median(v) for k, v in exp.items()}
         settings[name] = {"mean_seconds": round(float(lengths.float().mean()) / 16000, 2),
                           "train_step_s": {k: statistics.median(v) for k, v in train.items()},
                           "gated_step_ratio": median_ratio(train["gated"], train["dense"]),
@@ -122,14 +151,21 @@ def main() -> None:
                           # the same, each model's time with the shared preprocessor's of that round added
                           "with_preprocessor_speedup": statistics.median(
                               (d + q) / (p + q) for d, p, q in zip(infer["dense"], infer["pruned"], pre)),
-                          "raw": {"train": train, "inference": {**infer, "preprocessor": pre}}}
+                          # the encoders as NeMo's TorchScript export writes them (traced, frozen), in their own rounds
+                          "exported_s": te, "exported_speedup": median_ratio(exp["dense"], exp["pruned"]),
+                          "exported_floor_speedup": median_ratio(exp["dense"], exp["floor"]),
+                          "exported_linear_estimate": te["dense"] / (te["floor"] + share * (te["dense"] - te["floor"])),
+                          "raw": {"train": train, "inference": {**infer, "preprocessor": pre}, "exported": exp}}
         print(name, round(settings[name]["gated_step_ratio"], 3), round(settings[name]["inference_speedup"], 2),
-              flush=True)
+              round(settings[name]["exported_speedup"], 2), flush=True)
     if tmp is not None:
         tmp.cleanup()
+    export_dir.cleanup()
     ratio = params["pruned"] / params["dense"]
     met = {"params <= 0.45": ratio <= TARGETS["params"],
            **{f"inference >= 1.8x ({k})": v["inference_speedup"] >= TARGETS["inference_speedup"]
+              for k, v in settings.items()},
+           **{f"exported inference >= 1.8x ({k})": v["exported_speedup"] >= TARGETS["inference_speedup"]
               for k, v in settings.items()},
            **{f"gated step <= 1.10 ({k})": v["gated_step_ratio"] <= TARGETS["gated_step"] for k, v in settings.items()}}
     result = {"benchmark": "adaptive-dropout gates and the pruned model vs dense", **machine(), "config": vars(args),
@@ -155,6 +191,13 @@ def main() -> None:
                      f"{v['inference_speedup']:.2f}x | {v['with_preprocessor_speedup']:.2f}x | {1 / ratio:.2f}x | "
                      f"{v['floor_speedup']:.2f}x | "
                      f"{v['linear_estimate']:.2f}x |")
+    lines += ["", "Exported (NeMo's TorchScript export of each encoder: traced, frozen; timed in their own interleaved "
+              "rounds):", "", "| batch | inference speed-up of the pruned encoder (target >= 1.8) | floor model | "
+              "linear estimate | dense / pruned / floor, median s |", "|---|---|---|---|---|"]
+    for k, v in settings.items():
+        e = v["exported_s"]
+        lines.append(f"| {k} | {v['exported_speedup']:.2f}x | {v['exported_floor_speedup']:.2f}x | "
+                     f"{v['exported_linear_estimate']:.2f}x | {e['dense']:.3f} / {e['pruned']:.3f} / {e['floor']:.3f} |")
     lines += ["", "Inference: the encoder alone on features computed beforehand; 'with the preprocessor' adds the "
               "shared mel preprocessor's time of the same round to both models."]
     lines += ["", f"Floor model: the same encoder pruned to one unit per gate ({params['floor']:,} parameters), timed "

@@ -38,9 +38,9 @@ class LeanConformerFeedForward(KeptInferenceWeights, ConformerFeedForward):
     CPU inference pads a hidden layer whose width is not a multiple of 8 (a pruned or federated-dropout FFN) with
     zero units: a matrix product whose output rows are not 32-byte aligned is slower on a CPU (a batch of eight
     9-s utterances, 410 hidden units: the FFN 8.3 -> 7.3 ms as 416, timed ad hoc), and a zero unit adds exact zeros
-    (its second-layer column is zero): within float rounding, not bit for bit. The padded weights are a copy, kept between inference calls
-    (``inference_cache``): inference holds such an FFN's weights twice. Plain ``nn.Linear`` layers with biases only
-    (gated and low-rank FFNs keep their path)."""
+    (its second-layer column is zero): within float rounding, not bit for bit. The padded weights are a copy, kept
+    between inference calls (``inference_cache``): inference holds such an FFN's weights twice. Plain ``nn.Linear``
+    layers with biases only (gated and low-rank FFNs keep their path)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         l1, l2 = self.linear1, self.linear2

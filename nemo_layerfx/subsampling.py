@@ -37,10 +37,10 @@ def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     if (conv.in_channels == 1 and conv.groups == 1 and conv.padding_mode == "zeros" and conv.dilation == (1, 1)
             and isinstance(conv.padding, tuple)):
         (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-        xp = F.pad(x, (pw, pw, ph, ph))  # (B, 1, T + 2 ph, F + 2 pw)
+        xp = F.pad(x, (pw, pw, ph, ph)).contiguous()  # (B, 1, T + 2 ph, F + 2 pw)
         b, _, h, w = xp.shape
         ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
-        s = (h * w, h * w, w, 1)  # xp (F.pad's output) is contiguous; strides from its shape, which a trace follows
+        s = (h * w, h * w, w, 1)  # strides from xp's shape (it is contiguous), which a trace follows
         patches = xp.as_strided((b, ho, wo, kh, kw), (s[0], sh * s[2], sw * s[3], s[2], s[3])).reshape(-1, kh * kw)
         kernel = weight.view(conv.out_channels, kh * kw).t()  # (k², C_out)
         y = patches @ kernel if conv.bias is None else torch.addmm(conv.bias, patches, kernel)

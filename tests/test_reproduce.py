@@ -167,3 +167,23 @@ def test_adaptive_dropout_variants_keep_the_gated_runs_apart_and_share_the_dense
     assert ad.runs_dir(k85, tmp_path, "dense") == ad.runs_dir(paper, tmp_path, "dense")
     assert ad.runs_dir(strong, tmp_path, "dense").name == "adaptive_dropout_L8_e18"
     assert ad.runs_dir(strong, tmp_path, "adl").name == "adaptive_dropout_L8_e18_a0.0001_g0.01"
+
+
+def test_kubo_speed_claims_judge_eager_and_exported_inference_apart(monkeypatch):
+    """The report's speed rows: eager inference, the TorchScript-exported encoders (when the benchmark timed them)
+    and the gated training step, each judged against its target at every batch length."""
+    monkeypatch.syspath_prepend(str(REPO / "experiments"))
+    from repro.kubo import speed_claims
+
+    def setting(eager, exported, step):
+        return {"inference_speedup": eager, "exported_speedup": exported, "gated_step_ratio": step}
+
+    bench = {"param_ratio": 0.407, "settings": {"1s": setting(1.66, 1.86, 1.05), "9s": setting(1.90, 1.96, 1.12)}}
+    eager = next(r for r in speed_claims(bench) if "eager" in r["claim"])
+    exported = next(r for r in speed_claims(bench) if "TorchScript" in r["claim"])
+    step = next(r for r in speed_claims(bench) if "training with gates" in r["claim"])
+    assert (eager["verdict"], exported["verdict"], step["verdict"]) == ("not met", "met", "not met on 1 of 2")
+    assert "1.66–1.90× faster" in eager["measured"] and "1.86–1.96× faster" in exported["measured"]
+    assert speed_claims(None) == []  # no benchmark results: no speed rows
+    del bench["settings"]["1s"]["exported_speedup"], bench["settings"]["9s"]["exported_speedup"]
+    assert not any("TorchScript" in r["claim"] for r in speed_claims(bench))  # older results: no such row

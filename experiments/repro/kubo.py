@@ -181,15 +181,22 @@ def speed_claims(bench: dict | None) -> list[dict]:
     settings = bench["settings"]
     inf = [v["inference_speedup"] for v in settings.values()]
     step = [v["gated_step_ratio"] for v in settings.values()]
-    return [{"claim": "(ours) the pruned encoder infers faster, ≥ 1.8× (issue target)",
+    rows = [{"claim": "(ours) the pruned encoder infers faster, ≥ 1.8× (issue target), eager PyTorch",
              "paper": "no speed reported",
              "measured": f"{bench['param_ratio']:.2f}× the parameters: {min(inf):.2f}–{max(inf):.2f}× faster over "
                          f"{len(inf)} batch lengths (Conformer-M width, CPU)",
-             "verdict": "met" if min(inf) >= 1.8 else "not met"},
-            {"claim": "(ours) training with gates costs ≤ 1.10× a dense step (issue target)",
-             "paper": "no speed reported",
-             "measured": f"gated / dense step {min(step):.3f}–{max(step):.3f} over {len(step)} batch lengths",
-             "verdict": "met" if max(step) <= 1.10 else f"not met on {sum(s > 1.10 for s in step)} of {len(step)}"}]
+             "verdict": "met" if min(inf) >= 1.8 else "not met"}]
+    exported = [v["exported_speedup"] for v in settings.values() if "exported_speedup" in v]
+    if exported:
+        rows.append({"claim": "(ours) the same, both encoders as NeMo's TorchScript export writes them",
+                     "paper": "no speed reported",
+                     "measured": f"{min(exported):.2f}–{max(exported):.2f}× faster over {len(exported)} batch lengths",
+                     "verdict": "met" if min(exported) >= 1.8 else "not met"})
+    rows.append({"claim": "(ours) training with gates costs ≤ 1.10× a dense step (issue target)",
+                 "paper": "no speed reported",
+                 "measured": f"gated / dense step {min(step):.3f}–{max(step):.3f} over {len(step)} batch lengths",
+                 "verdict": "met" if max(step) <= 1.10 else f"not met on {sum(s > 1.10 for s in step)} of {len(step)}"})
+    return rows
 
 
 def run(args) -> Path:
