@@ -60,20 +60,20 @@ def valid_frames(pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _VALID_FRAMES: list = [None]  # (mask, version, (valid, k)) of the last mask valid_frames saw
 
 
-def _group_stats(xm: torch.Tensor, k: torch.Tensor, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, rstd), each (B, G), over the valid frames of xm (B, C, T), whose padded frames are zeros.
+def _valid_stats(groups: torch.Tensor, dims: tuple[int, ...], k: torch.Tensor, one_minus_k: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, rstd) of ``groups`` over ``dims`` (kept as size 1) and over the valid frames only: the padded frames of
+    ``groups`` are zeros, and k (broadcastable to the result) is T / valid frames of each utterance.
 
     The statistics over the whole padded group rescaled to the valid frames: with zeros on padding,
     mean_valid = k mean_all and E_valid[x²] = k E_all[x²], so var_valid = k (var_all + (1 - k) mean_all²). var_all is
     taken in two passes (the mean, then the mean squared deviation): as accurate as ``torch.var_mean``, whose CPU
-    kernel is slow on a conv module's small (B, G, C/G x T) groups (d_model 256, 25 frames, 2 threads, timed ad hoc:
-    21 µs against 220 µs)."""
-    B, C, T = xm.shape
-    groups = xm.view(B, num_groups, -1)
-    mean_all = groups.mean(dim=2, keepdim=True)
-    var_all, mean_all = (groups - mean_all).square_().mean(dim=2), mean_all.squeeze(2)
-    var = torch.addcmul(var_all, mean_all.square(), 1.0 - k).mul_(k)
-    return mean_all * k, var.clamp_min_(0.0).add_(eps).rsqrt_()
+    kernel is slow on a conv module's small groups (d_model 256, 25 frames, 2 threads, timed ad hoc: 21 µs against
+    220 µs). Both layouts use it: (B, G, C/G x T) in training, time-major (B, T, G, C/G) in CPU inference."""
+    mean_all = groups.mean(dim=dims, keepdim=True)
+    var_all = (groups - mean_all).square_().mean(dim=dims, keepdim=True)
+    rstd = torch.addcmul(var_all, mean_all.square(), one_minus_k).mul_(k).clamp_min_(0.0).add_(eps).rsqrt_()
+    return mean_all.mul_(k), rstd
 
 
 def _masked_group_norm(x, valid, k, weight, bias, num_groups: int, eps: float):
@@ -85,9 +85,10 @@ def _masked_group_norm(x, valid, k, weight, bias, num_groups: int, eps: float):
     B, C, T = x.shape
     G, Cg = num_groups, C // num_groups
     xm = x * valid  # (B, C, T), padded frames -> 0
-    mean, rstd = _group_stats(xm, k, G, eps)
-    scale = rstd.unsqueeze(2) * weight.view(1, G, Cg)  # (B, G, Cg)
-    shift = torch.addcmul(bias.view(1, G, Cg), mean.unsqueeze(2), scale, value=-1.0)  # b - mean * scale
+    k = k.unsqueeze(2)  # (B, 1, 1)
+    mean, rstd = _valid_stats(xm.view(B, G, -1), (2,), k, 1.0 - k, eps)  # each (B, G, 1)
+    scale = rstd * weight.view(1, G, Cg)  # (B, G, Cg)
+    shift = torch.addcmul(bias.view(1, G, Cg), mean, scale, value=-1.0)  # b - mean * scale
     y = torch.addcmul(shift.view(B, C, 1), xm, scale.view(B, C, 1)).mul_(valid)  # padded frames -> 0
     return y, xm, mean, rstd
 
@@ -111,18 +112,16 @@ _TIME_MAJOR: list = [None]  # (valid tensor of valid_frames, its time-major view
 
 def masked_group_norm_time_major(x: torch.Tensor, pad_mask: torch.Tensor, norm: "MaskedGroupNorm") -> torch.Tensor:
     """``norm(x, pad_mask)`` for a time-major x (B, T, C) that the caller hands over (it is overwritten): the
-    valid-frame GroupNorm of ``_masked_group_norm`` (the same two-pass statistics, rescaled to the valid frames),
+    valid-frame GroupNorm of ``_masked_group_norm`` (the same statistics, ``_valid_stats``),
     without gradients, reducing (B, T, G, C/G) views instead of transposing to (B, C, T)."""
     B, T, C = x.shape
     G = norm.num_groups
     valid, k, one_minus_k = _time_major_frames(pad_mask)
     groups = x.view(B, T, G, C // G).mul_(valid)  # padded frames -> 0
-    mean_all = groups.mean(dim=(1, 3), keepdim=True)  # (B, 1, G, 1)
-    var_all = (groups - mean_all).square_().mean(dim=(1, 3), keepdim=True)
-    rstd = torch.addcmul(var_all, mean_all.square(), one_minus_k).mul_(k).clamp_min_(0.0).add_(norm.eps).rsqrt_()
+    mean, rstd = _valid_stats(groups, (1, 3), k, one_minus_k, norm.eps)  # each (B, 1, G, 1)
     scale = rstd * norm.weight.view(1, 1, G, -1) if norm.affine else rstd.expand(B, 1, G, C // G)
     bias = norm.bias.view(1, 1, G, -1) if norm.affine else x.new_zeros(1, 1, G, C // G)
-    shift = torch.addcmul(bias, mean_all.mul_(k), scale, value=-1.0)  # b - mean * scale, (B, 1, G, C/G)
+    shift = torch.addcmul(bias, mean, scale, value=-1.0)  # b - mean * scale, (B, 1, G, C/G)
     return torch.addcmul(shift, groups, scale).mul_(valid).view(B, T, C)
 
 
