@@ -28,9 +28,23 @@ def machine() -> dict:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     return {"device": "cuda" if gpu else "cpu", "gpu": gpu, "cpu_threads": torch.get_num_threads(),
-            "machine": platform.machine(), "processor": platform.processor() or platform.machine(),
+            "machine": platform.machine(), "processor": platform.processor() or platform.machine(), "cpu": cpu_model(),
             "versions": {"torch": torch.__version__, "nemo": nemo.__version__, "nemo_layerfx": nemo_layerfx.__version__,
                          "python": platform.python_version()}}
+
+
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers and whether it has AVX-512: CPU speed-up
+    ratios differ between machines (the prune benchmark's 1-s inference ratio: 1.63-1.69 on one 2-core machine,
+    1.96 on another), so a result file says which CPU it came from."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = info.get("flags", "").split()
+    return (f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')}"
+            f"{', AVX-512' if 'avx512f' in flags else ''})")
 
 
 def load_batch(groups: list[list[dict]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -178,7 +178,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"layer_reduction_{result['device']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    hw = result["gpu"] or f"CPU, {result['cpu_threads']} threads"
+    hw = result["gpu"] or f"{result['cpu']}, {result['cpu_threads']} threads"
     lines = [f"# Layer reduction costs ({hw}; torch {torch.__version__})", "",
              f"GroupNorm Conformer-CTC, {n} layers, d_model {args.d_model}, {args.heads} heads; depth sampled from "
              f"U{{{args.low}..{n}}}; batches of {args.batch} real utterances; training step = forward + CTC + backward "

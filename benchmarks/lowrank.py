@@ -113,7 +113,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"lowrank_{result['device']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    hw = result["gpu"] or f"CPU, {result['cpu_threads']} threads"
+    hw = result["gpu"] or f"{result['cpu']}, {result['cpu_threads']} threads"
     front = args.subsampling_channels if args.subsampling_channels > 0 else args.d_model
     lines = [f"# Low-rank (LR-SMS) vs full rank ({hw}; torch {torch.__version__})", "",
              (f"GroupNorm Conformer-CTC from scratch, {args.layers} layers, d_model {args.d_model}, {args.heads} "

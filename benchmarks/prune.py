@@ -175,7 +175,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"prune_{result['device']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    hw = result["gpu"] or f"CPU, {result['cpu_threads']} threads"
+    hw = result["gpu"] or f"{result['cpu']}, {result['cpu_threads']} threads"
     source = f"the survival pattern of {args.survival}" if args.survival else f"{args.keep:.0%} of every gate's units"
     lines = [f"# Adaptive-dropout pruning costs ({hw}; torch {torch.__version__})", "",
              f"GroupNorm Conformer-CTC, {args.layers} layers, d_model {args.d_model}, {args.heads} heads, conv "
