@@ -36,7 +36,7 @@ def machine() -> dict:
 def cpu_model() -> str:
     """The CPU as /proc/cpuinfo names it, with its family and model numbers and whether it has AVX-512: CPU speed-up
     ratios differ between machines (the prune benchmark's 1-s inference ratio: 1.63-1.69 on one 2-core machine,
-    1.96 on another), so a result file says which CPU it came from."""
+    1.67-1.96 on another), so a result file says which CPU it came from."""
     try:
         info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
     except OSError:
