@@ -149,11 +149,14 @@ def _depth_sweep(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from nemo_layerfx.depth import depth_sweep, plot_sweep
+    from nemo_layerfx.depth.sweep import probe_layer_deltas
     from nemo_layerfx.evaluate import read_manifest
-    from nemo_layerfx.models import read_report, restore
+    from nemo_layerfx.models import conformer_encoder, read_report, restore
 
     probe = read_report(args.probe) if args.probe else None
     model = restore(args.model)
+    if probe is not None:  # a report that cannot sit beside this sweep: said before the sweep runs
+        probe_layer_deltas(probe, len(conformer_encoder(model).layers), args.probe_mode)
     if args.device:
         model = model.to(args.device)
     n = len(read_manifest(args.manifest, args.max_utterances))
@@ -162,8 +165,8 @@ def _depth_sweep(args: argparse.Namespace) -> int:
                              progress=lambda b: bar.update(1))
     out = Path(args.out)
     report.to_json(out / "depth_sweep.json")
-    plot_sweep(report, out / "depth_sweep.png", probe=probe)
-    print(report.table(probe))
+    plot_sweep(report, out / "depth_sweep.png", probe=probe, mode=args.probe_mode)
+    print(report.table(probe, args.probe_mode))
     print(f"wrote {out / 'depth_sweep.json'} and {out / 'depth_sweep.png'}")
     return 0
 

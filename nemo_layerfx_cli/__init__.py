@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("model", help="a NeMo Conformer .nemo (CTC, RNNT or hybrid; ours or stock, shared or not)")
     ds.add_argument("--manifest", required=True, help="NeMo manifest of the evaluation utterances")
     ds.add_argument("--probe", default=None, help="a block-level probe.json of the same model, shown beside")
+    ds.add_argument("--probe-mode", default="rerand", choices=["rerand", "reinit"],
+                    help="which of the probe report's resets to show (default rerand)")
     ds.add_argument("--batch-size", type=int, default=16, help="utterances per batch")
     ds.add_argument("--max-utterances", type=int, default=None,
                     help="evaluate the first N utterances of the manifest (sorted by duration); default: all")

@@ -278,6 +278,22 @@ def test_sweep_matches_full_and_truncated_evaluation(tiny_cfg, corpus, tmp_path,
     assert "probe dWER rerand" in printed and (tmp_path / "sweep" / "depth_sweep.png").is_file()
     saved = json.loads((tmp_path / "sweep" / "depth_sweep.json").read_text())
     assert saved["wer"][-1] == pytest.approx(report.wer[-1])
+    delta = json.loads(probe_json.read_text())["delta_wer"]["rerand"]
+    rows = [line.split() for line in printed.splitlines() if line.split() and line.split()[0] in ("1", "2", "3")]
+    assert [float(r[-1]) for r in rows] == pytest.approx(delta, abs=1e-4)  # layer M-1's change beside depth M
+
+    # a report that cannot sit beside the sweep is refused before it runs, by name: a module report (parts of a
+    # layer, the probe's --unit module) and one of a deeper model
+    bad = json.loads(probe_json.read_text())
+    for units, message in (([f"layers.{i}.{m}" for i in range(3) for m in ("ffn1", "attn")], "rates modules"),
+                           ([f"layers.{i}" for i in range(5)], "not the blocks")):
+        (tmp_path / "bad.json").write_text(json.dumps({**bad, "units": units,
+                                                       "delta_wer": {"rerand": [0.1] * len(units)}}))
+        assert layerfx(["depth-sweep", str(src), "--manifest", str(manifest), "--probe", str(tmp_path / "bad.json"),
+                        "--out", str(tmp_path / "bad_sweep")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad_sweep").exists()
+    with pytest.raises(ValueError, match=r"no 'reinit' results \(it has: \['rerand'\]\)"):
+        report.table(str(probe_json), mode="reinit")
 
 
 @pytest.mark.integration

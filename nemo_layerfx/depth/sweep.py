@@ -46,14 +46,14 @@ class DepthReport:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
 
-    def table(self, probe: dict | None = None, mode: str = "rerand") -> str:
+    def table(self, probe: Any = None, mode: str = "rerand") -> str:
         """Per depth M: WER, its change from the full depth, loss, RTF, and the consistency of layers M-1 and M
         (the pair ending at the layer M adds); with a block probe report, its WER change for layer M-1 beside."""
         n = len(self.depths)
         head = f"{'depth':>5} {'WER':>8} {'dWER vs N':>10} {'loss':>9} {'RTF':>8} {'L2 to prev':>11} {'cosine':>7}"
         probe_delta = None
         if probe is not None:
-            probe_delta = probe.get("delta_wer", {}).get(mode)
+            probe_delta = probe_layer_deltas(probe, n, mode)
             head += f"  {'probe dWER ' + mode:>18} (layer M-1)"
         lines = [f"{self.utterances} utterances, {self.audio_seconds:.0f} s of audio; {n} layers", head]
         for k, m in enumerate(self.depths):
@@ -129,6 +129,29 @@ def depth_sweep(model: nn.Module, manifest: str | Path, batch_size: int = 16, ma
                                "share_layers": getattr(enc, "share_layers", None)})
 
 
+def probe_layer_deltas(probe: Any, n_layers: int, mode: str = "rerand") -> list[float]:
+    """A block probe report's WER change per layer, layer 0 first: what the sweep shows beside depth M (layer M-1).
+
+    Checked, since a list of numbers misread is a wrong table, not an error: the units must be the blocks
+    ``layers.0``, ``layers.1``, ... (all of the model's layers, or the first ones, as ``ProbeConfig.depth`` probes);
+    a module report (``layers.0.ffn1``, ...) rates parts of a layer, not what cutting at a depth removes."""
+    r = read_report(probe)
+    units = list(r.get("units", []))
+    if units and all(u.count(".") == 2 for u in units):
+        raise ValueError(f"the probe report rates modules ({units[0]!r}, {units[1 % len(units)]!r}, ...), but the "
+                         "depth sweep puts a whole layer's WER change beside the depth that adds it: probe blocks "
+                         "(layerfx probe MODEL --manifest dev.json, whose default is --unit block)")
+    if not units or units != [f"layers.{i}" for i in range(len(units))] or len(units) > n_layers:
+        raise ValueError(f"the probe report's units {units[:4]}{'...' if len(units) > 4 else ''} are not the blocks "
+                         f"layers.0, layers.1, ... of this {n_layers}-layer model: probe this model "
+                         "(layerfx probe MODEL --manifest dev.json)")
+    delta = r.get("delta_wer", {}).get(mode)
+    if delta is None or len(delta) != len(units):
+        raise ValueError(f"the probe report has no {mode!r} results (it has: {sorted(r.get('delta_wer', {}))}); "
+                         "show the mode it was run with (layerfx depth-sweep --probe-mode)")
+    return list(delta)
+
+
 def plot_sweep(report: DepthReport, path: str | Path, probe: Any = None, mode: str = "rerand") -> None:
     """PNG: WER and RTF per inference depth; consistency (L2, cosine) per layer pair; the probe beside if given."""
     import matplotlib
@@ -139,7 +162,7 @@ def plot_sweep(report: DepthReport, path: str | Path, probe: Any = None, mode: s
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.3))
     a.plot(report.depths, report.wer, marker="o", label="WER at depth M")
     if probe is not None:
-        delta = read_report(probe)["delta_wer"][mode]
+        delta = probe_layer_deltas(probe, len(report.depths), mode)
         base = report.wer[-1]
         a.plot(report.depths[: len(delta)], [base + d for d in delta], marker="s", ls="--",
                label=f"probe: WER after {mode} of layer M-1")
