@@ -213,13 +213,26 @@ COMMANDS = {"make-corpus": _make_corpus, "convert-norm": _convert_norm, "probe":
 
 
 def quiet_logs(verbose: bool = False) -> None:
-    """NeMo's and Lightning's info chatter off for commands (``-v`` keeps it): only lines that mean something."""
+    """NeMo's and Lightning's info chatter off for commands (``-v`` keeps it): only lines that mean something.
+
+    Also for the processes a command starts (``layerfx fl``'s Flower simulation actors, which restore and train
+    NeMo models and would print their logs to this console): ``LAYERFX_QUIET_LOGS`` tells them to call this too."""
     if verbose or os.environ.get("LAYERFX_VERBOSE"):
         return
+    os.environ["LAYERFX_QUIET_LOGS"] = "1"
+    import importlib
+    import importlib.util
+
+    # Lightning's packages set their loggers to INFO when imported, and the standalone pytorch_lightning (which
+    # other packages import) takes over Lightning's rank-zero messages: imported first, so that our levels stay
+    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+    for name in names:
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            importlib.import_module(name)
     from nemo.utils import logging as nemo_logging
 
     nemo_logging.setLevel(logging.WARNING)
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", *names):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

@@ -67,6 +67,8 @@ def test_federated_run_drops_faulty_clients_and_a_killed_run_resumes_to_the_same
     assert client["bytes_up"] == client["bytes_down"] > 0 and client["examples"] > 0
     assert all(0.0 <= r["dev_wer"] for r in history)
     assert "round 3: dev WER" in done.stdout
+    # the command keeps NeMo's and Lightning's info logs quiet, also those of the simulation's client actors
+    assert "[NeMo I" not in done.stdout + done.stderr and "GPU available" not in done.stdout + done.stderr
     assert (whole / "metrics.png").stat().st_size > 5000
     trained = restore(whole / "global.nemo").state_dict()
     final = torch.load(whole / "checkpoint.pt", weights_only=True)

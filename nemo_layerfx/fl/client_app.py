@@ -7,6 +7,7 @@ weights and unit map each round; it replies with the trained submodel weights an
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -30,6 +31,10 @@ def make_client_app(cfg: FLConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        if os.environ.get("LAYERFX_QUIET_LOGS"):  # started by a `layerfx` command that keeps NeMo's logs quiet
+            from nemo_layerfx.cli import quiet_logs
+
+            quiet_logs()
         c, pid = config(context), int(context.node_config["partition-id"])
         conf = msg.content["config"]
         rnd = int(conf["server-round"])
