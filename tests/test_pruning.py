@@ -155,6 +155,16 @@ def test_min_units_keeps_the_largest_gates_and_says_so(tiny_cfg):
 
 
 @pytest.mark.integration
+def test_pruning_before_the_schedule_ends_says_so(tiny_cfg):
+    model = gated(tiny_cfg, "conformer_gn_tiny", ("ffn",))
+    assert not any("schedule" in n for n in prune(model)[1].notes)  # step K: c(t) = c_inf
+    model.encoder.adaptive_dropout_schedule.step.fill_(4)  # c(t) = 10 - 0.4 * 12 = 5.2
+    report = prune(model)[1]
+    assert any("step 4 of K = 10 (c(t) = +5.20, not yet c_inf = -2)" in n for n in report.notes)
+    assert any("step 4 of K = 10" in line for line in report.lines())
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("optimizer, mode, decay", [("sgd", "weight_decay", 2e-5), ("adamw", "loss", 0.0)])
 def test_regularizer_is_right_with_the_optimizer_used(tiny_cfg, optimizer, mode, decay):
     cfg = tiny_cfg("conformer_gn_adaptive_dropout_tiny", *WIDE, f"model.optim.name={optimizer}",

@@ -42,6 +42,20 @@ def effective_params(model: nn.Module) -> int:
     return units_param_count(plain, lambda i, kind, n: len(units[i][kind]), PRUNE_KINDS)
 
 
+def schedule_notes(schedule: nn.Module) -> list[str]:
+    """What a user must know before trusting a prune: whether training brought c(t) down to c∞ (K steps).
+
+    Before that, the gates were still being pushed shut, and β ≥ c∞ keeps units the rest of the schedule would
+    have closed (a one-epoch run of the tiny preset keeps every unit); the prune is still exact, just early."""
+    cfg, step = schedule.config, int(schedule.step)
+    if step >= cfg.steps:
+        return []
+    step = max(step, 0)
+    return [f"the gates' schedule is at step {step} of K = {cfg.steps} (c(t) = {cfg.target(step):+.2f}, "
+            f"not yet c_inf = {cfg.c_inf:+g}): training stopped before the threshold came down, so units it would "
+            "still have closed are kept; train for at least adaptive_dropout.steps optimizer steps before pruning"]
+
+
 def prune(model: nn.Module) -> tuple[nn.Module, PruneReport]:
     """A new, dense, smaller model of ``model``'s class without the units whose β < c∞; ``model`` is unchanged.
 
@@ -51,11 +65,11 @@ def prune(model: nn.Module) -> tuple[nn.Module, PruneReport]:
         print("\\n".join(report.lines()))
         small.save_to("pruned.nemo")
     """
-    gated_encoder(model)
+    enc = gated_encoder(model)
     units, notes = kept_units(model)
+    notes = schedule_notes(enc.adaptive_dropout_schedule) + notes
     plain = remove_gates(model)
     small = build_submodel(plain, units)
-    enc = gated_encoder(model)
     kept = [{k: [len(units[i][k]), n_units(layer, k)] for k in PRUNE_KINDS} for i, layer in enumerate(enc.layers)]
     return small, PruneReport(kept, count_params(plain), count_params(small), notes)
 
