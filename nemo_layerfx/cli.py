@@ -115,7 +115,8 @@ def _compare(args: argparse.Namespace) -> int:
     result = compare_reports(reports, mode=args.mode, top_n=args.top_n, labels=args.labels)
     what = "ambient-label overlap (Jaccard)" if args.labels else f"top-{args.top_n} ambient overlap"
     for p in result["pairs"]:
-        print(f"{args.reports[p['a']]}  vs  {args.reports[p['b']]}: spearman {p['spearman']:+.3f}, "
+        rho = f"{p['spearman']:+.3f}" if p["same_units"] else "n/a (different depths: relative positions)"
+        print(f"{args.reports[p['a']]}  vs  {args.reports[p['b']]}: spearman {rho}, "
               f"{what} {p['overlap']:.2f} ({', '.join(p['ambient_a'])} | {', '.join(p['ambient_b'])})")
     print(f"mean spearman {result['mean_spearman']:+.3f}, mean overlap {result['mean_overlap']:.2f}")
     if args.out:

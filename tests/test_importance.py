@@ -218,8 +218,13 @@ def test_spearman_and_compare_reports(tmp_path, capsys):
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     assert cli.main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), str(tmp_path / "c.json"),
                      "--top-n", "1", "--out", str(tmp_path / "cmp.json")]) == 0
-    assert "spearman +0.800" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "spearman +0.800" in printed and "spearman n/a (different depths" in printed
     assert json.loads((tmp_path / "cmp.json").read_text())["pairs"][1]["same_units"] is False
+    # a block report and a module report rate different things: refused, not a made-up overlap
+    m = {"units": [f"layers.{i}.{p}" for i in range(2) for p in ("ffn1", "attn")], "delta_wer": {"rerand": [0.1] * 4}}
+    with pytest.raises(ValueError, match=r"rate different units: report 0 blocks .*report 1 modules \(layers.0.ffn1"):
+        compare_reports([a, m])
     assert cli.main(["compare", str(tmp_path / "a.json")]) == 2
     assert "at least two probe reports" in capsys.readouterr().err
 
