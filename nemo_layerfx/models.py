@@ -154,6 +154,26 @@ def read_report(report: Any) -> dict:
     return asdict(report) if is_dataclass(report) else dict(report)
 
 
+def unit_kind(units: list[str]) -> str:
+    """What a probe report's units are: 'blocks' (``layers.i``), 'modules' (``layers.i.ffn1``, ...) or 'other'."""
+    dots = {u.count(".") for u in units}
+    return {frozenset({1}): "blocks", frozenset({2}): "modules"}.get(frozenset(dots), "other")
+
+
+def block_layers(report: dict, needed_by: str) -> list[int]:
+    """The layer index of each unit of a block-level probe report (``layers.i``), in the report's order.
+
+    Everything that works per layer (dropout plans, rank maps, the depth sweep) reads a block report; a module
+    report rates parts of layers, so it is refused, naming ``needed_by`` and the fix."""
+    units = list(report.get("units", []))
+    if unit_kind(units) != "blocks":
+        what = "rates modules" if unit_kind(units) == "modules" else "has units"
+        raise ValueError(f"{needed_by} needs a block-level probe report (units 'layers.i'); this one {what} "
+                         f"{units[:3]}{'…' if len(units) > 3 else ''}: probe with unit='block' (layerfx probe's "
+                         "default)")
+    return [int(u.split(".")[1]) for u in units]
+
+
 def count_params(module: nn.Module) -> int:
     """Distinct parameters (a tensor shared by several layers counts once)."""
     return sum(p.numel() for p in module.parameters())

@@ -24,7 +24,7 @@ from torch import nn
 from nemo_layerfx.evaluate import (
     audio_batches, batch_loss, decode, next_layer, output_from, prefix_start, read_manifest, wer,
 )
-from nemo_layerfx.models import conformer_encoder, read_report
+from nemo_layerfx.models import block_layers, conformer_encoder, read_report
 
 
 @dataclass
@@ -137,11 +137,8 @@ def probe_layer_deltas(probe: Any, n_layers: int, mode: str = "rerand") -> list[
     a module report (``layers.0.ffn1``, ...) rates parts of a layer, not what cutting at a depth removes."""
     r = read_report(probe)
     units = list(r.get("units", []))
-    if units and all(u.count(".") == 2 for u in units):
-        raise ValueError(f"the probe report rates modules ({units[0]!r}, {units[1 % len(units)]!r}, ...), but the "
-                         "depth sweep puts a whole layer's WER change beside the depth that adds it: probe blocks "
-                         "(layerfx probe MODEL --manifest dev.json, whose default is --unit block)")
-    if not units or units != [f"layers.{i}" for i in range(len(units))] or len(units) > n_layers:
+    layers = block_layers(r, "the depth sweep (a whole layer's WER change beside the depth that adds it)")
+    if layers != list(range(len(layers))) or len(layers) > n_layers:
         raise ValueError(f"the probe report's units {units[:4]}{'...' if len(units) > 4 else ''} are not the blocks "
                          f"layers.0, layers.1, ... of this {n_layers}-layer model: probe this model "
                          "(layerfx probe MODEL --manifest dev.json)")

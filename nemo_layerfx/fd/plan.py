@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from nemo_layerfx.models import read_report
+from nemo_layerfx.models import block_layers, read_report
 from nemo_layerfx.surgery import Units, sliceable_encoder
 from nemo_layerfx.units import KINDS, n_units
 
@@ -70,7 +70,7 @@ class DropoutPlan:
         r = read_report(report)
         if mode not in r.get("delta_wer", {}):
             raise ValueError(f"the report has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
-        layers = _block_layers(r)
+        layers = block_layers(r, "a dropout plan")
         delta = r["delta_wer"][mode]
         if n == "labels":
             n = len(r.get("ambient", {}).get(mode, []))
@@ -106,14 +106,6 @@ class DropoutPlan:
     @classmethod
     def from_dict(cls, d: dict) -> DropoutPlan:
         return cls(rates=d["rates"], mapping=d.get("mapping", "pcpr"), label=d.get("label", ""))
-
-
-def _block_layers(report: dict) -> list[int]:
-    units = report.get("units", [])
-    if not units or any(u.count(".") != 1 for u in units):
-        raise ValueError("a dropout plan needs a block-level probe report (units 'layers.i'); this one has "
-                         f"{units[:3]}… (probe with unit='block')")
-    return [int(u.split(".")[1]) for u in units]
 
 
 def unit_seed(seed: int, server_round: int, client: int, mapping: str) -> int:

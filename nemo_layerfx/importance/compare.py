@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 
+from nemo_layerfx.models import unit_kind
+
+
 def _ranks(values: list[float]) -> list[float]:
     """Ranks from 1, ties sharing their average rank."""
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -30,11 +33,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
 
 
-def _unit_kind(units: list[str]) -> str:
-    """'modules' for a module probe's units (layers.0.ffn1, ...), else 'blocks' (layers.0, ...)."""
-    return "modules" if units and all(u.count(".") == 2 for u in units) else "blocks"
-
-
 def compare_reports(reports: list[dict], mode: str = "rerand", top_n: int = 2, labels: bool = False) -> dict:
     """Agreement of layer rankings across probe reports (runs, seeds, model sizes): Zhou's stability study.
 
@@ -47,7 +45,7 @@ def compare_reports(reports: list[dict], mode: str = "rerand", top_n: int = 2, l
     for i, r in enumerate(reports):
         if mode not in r.get("delta_wer", {}):
             raise ValueError(f"report {i} has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
-    kinds = [_unit_kind(r.get("units", [])) for r in reports]
+    kinds = [unit_kind(r.get("units", [])) for r in reports]
     if len(set(kinds)) > 1:  # positions of blocks and of modules are not the same depths: a meaningless overlap
         raise ValueError("the reports rate different units: " + ", ".join(
             f"report {i} {k} ({', '.join(r['units'][:2])}, ...)" for i, (k, r) in enumerate(zip(kinds, reports)))

@@ -56,12 +56,10 @@ def alphas_from_report(report: Any, low: float, high: float, mode: str = "rerand
     The multiset of α values equals the ramp's, so a model built with ``{alphas: ...}`` has exactly the size of
     the ramp model: only the order differs (by measured importance instead of depth).
     """
-    from nemo_layerfx.models import read_report
+    from nemo_layerfx.models import block_layers, read_report
 
     r = read_report(report)
-    units = r.get("units", [])
-    if not units or any(u.count(".") != 1 for u in units):
-        raise ValueError(f"alphas_from_report needs a block-level probe report (units 'layers.i'), got {units[:3]}")
+    block_layers(r, "alphas_from_report")
     if mode not in r.get("delta_wer", {}):
         raise ValueError(f"the report has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
     delta = r["delta_wer"][mode]
