@@ -4,7 +4,11 @@ zero-padded to aligned widths), built on the first inference call and kept until
 A parameter can change without any sign on the tensor: torch's fused optimizers (``AdamW(fused=True)``, which our
 configs ship) update it in place without bumping its version. So besides each parameter's storage, version and
 device, the key holds a count of optimizer steps, taken by a hook on every ``torch.optim`` optimizer in the
-process: whatever ran between two inference calls, a step invalidates what was kept.
+process: whatever ran between two inference calls, a step invalidates what was kept. A parameter or submodule
+assigned anywhere (a rewrite that swaps a layer, ``load_state_dict(assign=True)``) is counted by torch's global
+registration hooks, so the key need not walk the module tree on every call: it reads the parameter slots found
+when the weights were built (a pruned 16-layer encoder looks its kept weights up 48 times per forward: 0.67 ms
+walking ``module.parameters()``, 0.22 ms reading the slots, timed ad hoc).
 """
 
 from __future__ import annotations
@@ -13,16 +17,22 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_OPTIMIZER_STEPS = [0]
+_EVENTS = [0]  # optimizer steps, parameter and submodule registrations, anywhere in the process
 
 
-def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    _OPTIMIZER_STEPS[0] += 1
+def _count(*args: Any) -> None:
+    _EVENTS[0] += 1
 
 
-register_optimizer_step_post_hook(_count_step)
+register_optimizer_step_post_hook(_count)
+register_module_parameter_registration_hook(_count)
+register_module_module_registration_hook(_count)
 
 
 def inference_cache(module: nn.Module, build: Callable[[], Any]) -> Any:
@@ -31,13 +41,19 @@ def inference_cache(module: nn.Module, build: Callable[[], Any]) -> Any:
     nothing is kept: the traced graph derives the weights from the parameters."""
     if torch.jit.is_tracing():
         return build()
-    key = (_OPTIMIZER_STEPS[0], tuple((p.data_ptr(), p._version, p.device) for p in module.parameters()))
     kept = module.__dict__.get("_inference_cache")
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    if kept is not None and kept[0] == _EVENTS[0] and kept[2] == _state(kept[1]):
+        return kept[3]
+    slots = [(m._parameters, name) for m in module.modules() for name, p in m._parameters.items() if p is not None]
     value = build()
-    module.__dict__["_inference_cache"] = (key, value)
+    module.__dict__["_inference_cache"] = (_EVENTS[0], slots, _state(slots), value)
     return value
+
+
+def _state(slots: list[tuple[dict, str]]) -> tuple:
+    """What identifies the parameters' current values: each slot's tensor, its storage, version and device (the
+    slot is read again, so a parameter put straight into ``_parameters`` (``Module._apply``) is seen too)."""
+    return tuple((id(p), p.data_ptr(), p._version, p.device) for p in (d[n] for d, n in slots))
 
 
 def drop_inference_cache(module: nn.Module) -> None:

@@ -87,7 +87,7 @@ def test_ragged_attention_equals_nemo_attention_with_zeroed_dimensions(qk_dims, 
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert rag.cpu_v % 8 == 0 and rag.cpu_v >= rag.max_v
     if not grad:
-        assert rag._inference_cache[1]["out"].size(1) == rag.h * rag.cpu_v  # the padded layout was the one used
+        assert rag._inference_cache[-1]["out"].size(1) == rag.h * rag.cpu_v  # the padded layout was the one used
 
 
 def test_ragged_attention_gradients_reach_the_kept_dimensions_only_once():
@@ -218,6 +218,47 @@ def test_inference_weights_follow_a_fused_optimizer_step(ragged):
         enc(audio_signal=feats, length=lengths)
     opt.step()
     check()
+
+
+def test_inference_weights_are_kept_between_calls_and_follow_swapped_parameters():
+    """The kept weights are looked up, not rebuilt, on every inference call of a forward (the lookup reads the
+    parameter slots it recorded instead of walking the module); a parameter assigned anew, put straight into
+    ``_parameters`` (as ``Module._apply`` does), or a submodule swapped for another is seen at the next call."""
+    from torch import nn
+
+    from nemo_layerfx.inference import inference_cache
+
+    qk_dims, v_dims = [8, 2, 5, 1], [1, 8, 3, 6]
+    ref, rag = _pair(qk_dims, v_dims)
+    x, mask, pos_emb, valid = _inputs()
+    new_q = nn.Linear(rag.linear_q.in_features, rag.linear_q.out_features)  # made before any weights are kept
+    builds = []
+
+    def counted():
+        builds.append(1)
+        return rag._build_padded_weights()
+
+    with torch.no_grad():
+        for _ in range(3):
+            inference_cache(rag, counted)
+        assert len(builds) == 1
+
+        def check():
+            torch.testing.assert_close(rag(x, x, x, mask, pos_emb)[valid], ref(x, x, x, mask, pos_emb)[valid],
+                                       rtol=0, atol=1e-5)
+
+        check()
+        rag.linear_out.weight = nn.Parameter(rag.linear_out.weight * 0.5)  # assigned: registration hook
+        ref.linear_out.weight.mul_(0.5)
+        check()
+        rag.linear_v._parameters["bias"] = nn.Parameter(rag.linear_v.bias + 0.25)  # no hook: the slot is read
+        ref.linear_v.bias.add_(0.25 * (ref.linear_v.bias != 0))  # ref's pruned entries stay zero
+        check()
+        new_q.weight.copy_(rag.linear_q.weight * 2.0)
+        new_q.bias.copy_(rag.linear_q.bias)
+        rag.linear_q = new_q  # a swapped submodule: registration hook
+        ref.linear_q.weight.mul_(2.0)
+        check()
 
 
 @pytest.mark.parametrize("context", [None, (3, 0), (2, 2)], ids=["full", "causal-3", "limited-2-2"])
