@@ -52,8 +52,10 @@ def inference_cache(module: nn.Module, build: Callable[[], Any]) -> Any:
 
 def _state(slots: list[tuple[dict, str]]) -> tuple:
     """What identifies the parameters' current values: each slot's tensor, its storage, version and device (the
-    slot is read again, so a parameter put straight into ``_parameters`` (``Module._apply``) is seen too)."""
-    return tuple((id(p), p.data_ptr(), p._version, p.device) for p in (d[n] for d, n in slots))
+    slot is read again, so a parameter put straight into ``_parameters`` (``Module._apply``), set to None or
+    deleted, none of which fires a registration hook, is seen too)."""
+    return tuple(None if p is None else (id(p), p.data_ptr(), p._version, p.device)
+                 for p in (d.get(n) for d, n in slots))
 
 
 def drop_inference_cache(module: nn.Module) -> None:

@@ -223,7 +223,8 @@ def test_inference_weights_follow_a_fused_optimizer_step(ragged):
 def test_inference_weights_are_kept_between_calls_and_follow_swapped_parameters():
     """The kept weights are looked up, not rebuilt, on every inference call of a forward (the lookup reads the
     parameter slots it recorded instead of walking the module); a parameter assigned anew, put straight into
-    ``_parameters`` (as ``Module._apply`` does), or a submodule swapped for another is seen at the next call."""
+    ``_parameters`` (as ``Module._apply`` does), a submodule swapped for another, or a bias set to None is seen at
+    the next call."""
     from torch import nn
 
     from nemo_layerfx.inference import inference_cache
@@ -258,6 +259,9 @@ def test_inference_weights_are_kept_between_calls_and_follow_swapped_parameters(
         new_q.bias.copy_(rag.linear_q.bias)
         rag.linear_q = new_q  # a swapped submodule: registration hook
         ref.linear_q.weight.mul_(2.0)
+        check()
+        rag.linear_k.bias = None  # no hook either: the slot reads None
+        ref.linear_k.bias.zero_()
         check()
 
 
