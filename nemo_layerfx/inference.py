@@ -13,7 +13,7 @@ walking ``module.parameters()``, 0.22 ms reading the slots, timed ad hoc).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +35,13 @@ register_module_parameter_registration_hook(_count)
 register_module_module_registration_hook(_count)
 
 
+class _Kept(NamedTuple):
+    events: int  # _EVENTS when the value was built
+    slots: list[tuple[dict, str]]  # (a module's ``_parameters``, name) of every parameter the value derives from
+    state: tuple  # ``_state(slots)`` when the value was built
+    value: Any
+
+
 def inference_cache(module: nn.Module, build: Callable[[], Any]) -> Any:
     """``build()``, computed once and kept on ``module`` until one of its parameters changes (storage, version or
     device) or any optimizer steps (module doc). While ``torch.jit.trace`` runs (NeMo's TorchScript export)
@@ -42,11 +49,11 @@ def inference_cache(module: nn.Module, build: Callable[[], Any]) -> Any:
     if torch.jit.is_tracing():
         return build()
     kept = module.__dict__.get("_inference_cache")
-    if kept is not None and kept[0] == _EVENTS[0] and kept[2] == _state(kept[1]):
-        return kept[3]
+    if kept is not None and kept.events == _EVENTS[0] and kept.state == _state(kept.slots):
+        return kept.value
     slots = [(m._parameters, name) for m in module.modules() for name, p in m._parameters.items() if p is not None]
     value = build()
-    module.__dict__["_inference_cache"] = (_EVENTS[0], slots, _state(slots), value)
+    module.__dict__["_inference_cache"] = _Kept(_EVENTS[0], slots, _state(slots), value)
     return value
 
 

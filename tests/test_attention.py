@@ -87,7 +87,7 @@ def test_ragged_attention_equals_nemo_attention_with_zeroed_dimensions(qk_dims, 
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert rag.cpu_v % 8 == 0 and rag.cpu_v >= rag.max_v
     if not grad:
-        assert rag._inference_cache[-1]["out"].size(1) == rag.h * rag.cpu_v  # the padded layout was the one used
+        assert rag._inference_cache.value["out"].size(1) == rag.h * rag.cpu_v  # the padded layout was the one used
 
 
 def test_ragged_attention_gradients_reach_the_kept_dimensions_only_once():
