@@ -10,6 +10,7 @@
     layerfx lowrank model.nemo small.nemo --att 0.1,0.2 --ffn 0.2,0.5
     layerfx merge small.nemo dense.nemo
     layerfx depth-sweep model.nemo --manifest dev_manifest.json --probe runs/probe/probe.json
+    layerfx eval model.nemo --manifest test_manifest.json
     layerfx unshare shared.nemo unshared.nemo
     layerfx set-depth model.nemo model_sli5.nemo --depth 5
     layerfx prune gated.nemo pruned.nemo --report runs/survival
@@ -50,6 +51,7 @@ def _convert_norm(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
+    from nemo_layerfx.evaluate import read_manifest
     from nemo_layerfx.importance import ProbeConfig, plot_report, probe
     from nemo_layerfx.models import restore
 
@@ -58,6 +60,7 @@ def _probe(args: argparse.Namespace) -> int:
                       max_utterances=args.max_utterances, rule=args.rule, ambient_rel_threshold=args.threshold,
                       n_ambient=args.n_ambient, batch_variants=args.batch_variants, bootstrap=args.bootstrap,
                       ci_level=args.ci_level)
+    read_manifest(args.manifest, args.max_utterances)  # a bad manifest is named before the model loads
     model = restore(args.model)
     if args.device:
         model = model.to(args.device)
@@ -97,8 +100,11 @@ def _fl(args: argparse.Namespace) -> int:
     from nemo_layerfx.fl import FLConfig, simulate
     from nemo_layerfx.train import CONF_DIR
 
-    with initialize_config_dir(config_dir=f"{CONF_DIR}/federated", version_base=None):
-        cfg = compose(config_name=args.config_name, overrides=args.overrides)
+    folder, name = f"{CONF_DIR}/federated", args.config_name
+    if name.endswith((".yaml", ".yml")):  # the user's own config file
+        folder, name = str(Path(name).resolve().parent), Path(name).stem
+    with initialize_config_dir(config_dir=folder, version_base=None):
+        cfg = compose(config_name=name, overrides=args.overrides)
     result = simulate(FLConfig.from_mapping(cfg))
     for row in result["rounds"]:
         dropped = "; ".join(f"client {d['client']}: {d['reason']}" for d in row.get("dropped", []))
@@ -110,8 +116,9 @@ def _fl(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from nemo_layerfx.importance import compare_reports
+    from nemo_layerfx.models import read_report
 
-    reports = [json.loads(Path(path).read_text()) for path in args.reports]
+    reports = [read_report(path) for path in args.reports]
     result = compare_reports(reports, mode=args.mode, top_n=args.top_n, labels=args.labels)
     what = "ambient-label overlap (Jaccard)" if args.labels else f"top-{args.top_n} ambient overlap"
     for p in result["pairs"]:
@@ -152,23 +159,45 @@ def _depth_sweep(args: argparse.Namespace) -> int:
     from nemo_layerfx.depth import depth_sweep, plot_sweep
     from nemo_layerfx.depth.sweep import probe_layer_deltas
     from nemo_layerfx.evaluate import read_manifest
-    from nemo_layerfx.models import conformer_encoder, read_report, restore
+    from nemo_layerfx.models import conformer_encoder, eval_depth, read_report, restore
 
     probe = read_report(args.probe) if args.probe else None
+    n = len(read_manifest(args.manifest, args.max_utterances))  # a bad manifest is named before the model loads
     model = restore(args.model)
     if probe is not None:  # a report that cannot sit beside this sweep: said before the sweep runs
-        probe_layer_deltas(probe, len(conformer_encoder(model).layers), args.probe_mode)
+        enc = conformer_encoder(model)
+        probe_layer_deltas(probe, len(enc.layers) if args.all_layers else eval_depth(enc), args.probe_mode)
     if args.device:
         model = model.to(args.device)
-    n = len(read_manifest(args.manifest, args.max_utterances))
     with tqdm(total=-(-n // args.batch_size), desc="depth sweep", unit="batch", leave=False, file=sys.stderr) as bar:
         report = depth_sweep(model, args.manifest, args.batch_size, args.max_utterances,
-                             progress=lambda b: bar.update(1))
+                             progress=lambda b: bar.update(1), all_layers=args.all_layers)
     out = Path(args.out)
     report.to_json(out / "depth_sweep.json")
     plot_sweep(report, out / "depth_sweep.png", probe=probe, mode=args.probe_mode)
     print(report.table(probe, args.probe_mode))
     print(f"wrote {out / 'depth_sweep.json'} and {out / 'depth_sweep.png'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from nemo_layerfx.evaluate import evaluate, read_manifest
+    from nemo_layerfx.models import restore
+
+    read_manifest(args.manifest, args.max_utterances)  # a bad manifest is named before the model loads
+    model = restore(args.model)
+    if args.device:
+        model = model.to(args.device)
+    report = evaluate(model, args.manifest, batch_size=args.batch_size, max_utterances=args.max_utterances,
+                      bootstrap=args.bootstrap, ci_level=args.ci_level, seed=args.seed)
+    if args.json:
+        print(json.dumps({"model": args.model, **asdict(report)}, sort_keys=True))
+    else:
+        print(f"{args.model} on {args.manifest}")
+        for line in report.lines():
+            print(line)
     return 0
 
 
@@ -210,7 +239,7 @@ def _prune(args: argparse.Namespace) -> int:
 
 COMMANDS = {"make-corpus": _make_corpus, "convert-norm": _convert_norm, "probe": _probe, "extract": _extract,
             "fl": _fl, "compare": _compare, "lowrank": _lowrank, "merge": _merge, "depth-sweep": _depth_sweep,
-            "unshare": _unshare, "set-depth": _set_depth, "prune": _prune}
+            "eval": _eval, "unshare": _unshare, "set-depth": _set_depth, "prune": _prune}
 
 
 def quiet_logs(verbose: bool = False) -> None:
@@ -221,6 +250,9 @@ def quiet_logs(verbose: bool = False) -> None:
     if verbose or os.environ.get("LAYERFX_VERBOSE"):
         return
     os.environ["LAYERFX_QUIET_LOGS"] = "1"
+    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")  # Flower's console level, read when flwr is imported
+    for handler in logging.getLogger("flwr").handlers:  # and if it already was
+        handler.setLevel(logging.WARNING)
     import importlib
     import importlib.util
 

@@ -58,6 +58,9 @@ def convert_norm(src: str | os.PathLike, dst: str | os.PathLike, groups: int = 8
     if target not in CONFORMER_TARGETS:
         raise ValueError(f"{src} is not a Conformer model: its encoder is {target!r}; convert-norm needs one of "
                          f"{', '.join(CONFORMER_TARGETS)}")
+    if target == ENCODER_TARGET:
+        raise ValueError(f"{src} already has the padding-exact GroupNorm encoder ({enc.get('conv_norm_type')}); "
+                         "nothing to convert")
     d_model = int(enc.d_model)
     if groups < 1 or d_model % groups != 0:
         raise ValueError(f"--groups {groups} must divide d_model={d_model}")

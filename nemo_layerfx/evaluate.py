@@ -10,6 +10,7 @@ Shape notation: B batch, T frames after subsampling, D d_model.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,12 +18,16 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from nemo_layerfx.models import conformer_encoder
+from nemo_layerfx.models import conformer_encoder, eval_depth
 
 
 def read_manifest(path: str | Path, max_utterances: int | None = None) -> list[dict]:
-    """Rows of a NeMo manifest, relative audio paths resolved, sorted by duration (less padding, fixed order)."""
+    """Rows of a NeMo manifest, relative audio paths resolved against the manifest's folder (as NeMo does), sorted
+    by duration (less padding, fixed order). Every audio file is checked here, before any model work, so a bad
+    line is named at once instead of failing deep inside a batch."""
     path = Path(path)
+    if max_utterances is not None and int(max_utterances) < 1:
+        raise ValueError(f"max_utterances must be >= 1 (or None for all), got {max_utterances}")
     if not path.is_file():
         raise FileNotFoundError(f"no such manifest: {path}")
     rows = []
@@ -35,12 +40,14 @@ def read_manifest(path: str | Path, max_utterances: int | None = None) -> list[d
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path} line {n} is not a NeMo manifest row with audio_filepath, duration and text "
                              f"({type(e).__name__}: {e})") from e
+        audio = Path(row["audio_filepath"])
+        row["audio_filepath"] = str(audio if audio.is_absolute() else path.parent / audio)
+        if not Path(row["audio_filepath"]).is_file():
+            how = "" if audio.is_absolute() else " (a relative path is resolved against the manifest's folder)"
+            raise FileNotFoundError(f"{path} line {n}: no such audio file {row['audio_filepath']}{how}")
         rows.append(row)
     if not rows:
         raise ValueError(f"manifest is empty: {path}")
-    for r in rows:
-        audio = Path(r["audio_filepath"])
-        r["audio_filepath"] = str(audio if audio.is_absolute() else path.parent / audio)
     rows.sort(key=lambda r: r["duration"])
     return rows[:max_utterances] if max_utterances else rows
 
@@ -199,20 +206,93 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate_wer(model: nn.Module, manifest: str | Path, max_utterances: int | None = None,
-                 batch_size: int = 16) -> float:
-    """Greedy WER of ``model`` on a manifest (CTC, RNNT or hybrid), in eval mode, through the full encoder."""
+def transcripts(model: nn.Module, manifest: str | Path, max_utterances: int | None = None, batch_size: int = 16,
+                rows: list[dict] | None = None) -> tuple[list[str], list[str], float]:
+    """Greedy hypotheses and references of ``model`` on a manifest (eval mode, the encoder's own forward: its
+    inference depth, its inference layouts), and the seconds the model took (front end, encoder, decoding)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
-    hyps, refs = [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    hyps, refs, seconds = [], [], 0.0
+    rows = read_manifest(manifest, max_utterances) if rows is None else rows
     try:
-        for audio, lengths, texts in audio_batches(read_manifest(manifest, max_utterances), batch_size,
-                                                   model._cfg.sample_rate, device):
+        for audio, lengths, texts in audio_batches(rows, batch_size, model._cfg.sample_rate, device):
+            sync()
+            t0 = time.perf_counter()
             feats, flen = model.preprocessor(input_signal=audio, length=lengths)
             enc, enc_len = model.encoder(audio_signal=feats, length=flen)
             hyps += decode(model, enc, enc_len)
+            sync()
+            seconds += time.perf_counter() - t0
             refs += texts
     finally:
         model.train(was)
+    return hyps, refs, seconds
+
+
+def evaluate_wer(model: nn.Module, manifest: str | Path, max_utterances: int | None = None,
+                 batch_size: int = 16) -> float:
+    """Greedy WER of ``model`` on a manifest (CTC, RNNT or hybrid), in eval mode, as the model runs."""
+    hyps, refs, _ = transcripts(model, manifest, max_utterances, batch_size)
     return wer(hyps, refs)
+
+
+@dataclass
+class EvalReport:
+    """What ``layerfx eval`` prints: the model's WER with a bootstrap interval, its speed and its size."""
+
+    wer: float
+    wer_ci: list[float]  # [lo, hi]: percentile interval over utterance resamples (empty with bootstrap=0)
+    ci_level: float
+    utterances: int
+    words: int
+    audio_seconds: float
+    rtf: float  # model seconds (front end + encoder + decoding) / audio seconds, one pass, this device
+    parameters: int
+    encoder_parameters: int
+    depth: int  # layers an inference forward runs
+    n_layers: int
+    device: str
+    manifest: str
+
+    def lines(self) -> list[str]:
+        ci = (f" ({self.ci_level:.0%} CI {self.wer_ci[0]:.4f}-{self.wer_ci[1]:.4f}, bootstrap over utterances)"
+              if self.wer_ci else "")
+        depth = f"{self.n_layers} layers" if self.depth == self.n_layers else \
+            f"{self.depth} of {self.n_layers} layers (inference depth)"
+        return [f"WER {self.wer:.4f}{ci} on {self.utterances} utterances, {self.words} words",
+                f"real-time factor {self.rtf:.4f} on {self.device} ({self.audio_seconds:.0f} s of audio, one pass)",
+                f"parameters {self.parameters:,} (encoder {self.encoder_parameters:,}, {depth})"]
+
+
+def evaluate(model: nn.Module, manifest: str | Path, batch_size: int = 16, max_utterances: int | None = None,
+             bootstrap: int = 1000, ci_level: float = 0.95, seed: int = 0) -> EvalReport:
+    """WER (NeMo's ``word_error_rate`` of greedy transcripts, as ``transcribe()`` decodes), its percentile
+    bootstrap interval over utterances, the real-time factor and the parameter counts of ``model``.
+
+    Example::
+
+        print("\n".join(evaluate(model, "test_manifest.json").lines()))
+    """
+    import numpy as np
+
+    if bootstrap < 0 or not 0.0 < ci_level < 1.0:
+        raise ValueError(f"bootstrap must be >= 0 and ci_level in (0, 1), got {bootstrap}, {ci_level}")
+    rows = read_manifest(manifest, max_utterances)
+    hyps, refs, seconds = transcripts(model, manifest, batch_size=batch_size, rows=rows)
+    counts = np.array([word_errors(h, r) for h, r in zip(hyps, refs)], dtype=np.int64).reshape(-1, 2)
+    interval: list[float] = []
+    if bootstrap:
+        idx = np.random.default_rng(seed).integers(0, len(refs), size=(bootstrap, len(refs)))
+        resampled = counts[idx].sum(axis=1)  # (bootstrap, 2): errors, words
+        tail = (1.0 - ci_level) / 2.0
+        interval = [float(v) for v in np.quantile(resampled[:, 0] / resampled[:, 1].clip(min=1),
+                                                  [tail, 1.0 - tail])]
+    enc = conformer_encoder(model)
+    audio_s = float(sum(r["duration"] for r in rows))
+    return EvalReport(wer=wer(hyps, refs), wer_ci=interval, ci_level=ci_level, utterances=len(refs),
+                      words=int(counts[:, 1].sum()), audio_seconds=audio_s, rtf=seconds / audio_s,
+                      parameters=sum(p.numel() for p in model.parameters()),
+                      encoder_parameters=sum(p.numel() for p in enc.parameters()), depth=eval_depth(enc),
+                      n_layers=len(enc.layers), device=str(next(model.parameters()).device), manifest=str(manifest))

@@ -115,6 +115,9 @@ def save_nemo(model: nn.Module, dst: str | os.PathLike) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".nemo", dir=dst.parent)
     os.close(fd)
+    mask = os.umask(0)  # mkstemp makes the file 0600; the .nemo is an ordinary file, permitted as the umask says
+    os.umask(mask)
+    os.chmod(tmp, 0o666 & ~mask)
     try:
         model.save_to(tmp)
         os.replace(tmp, dst)
@@ -150,7 +153,14 @@ def read_report(report: Any) -> dict:
         path = Path(report)
         if not path.is_file():
             raise FileNotFoundError(f"no such probe report: {path}")
-        return json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a probe report: not JSON ({e})") from None
+        if not isinstance(data, dict) or not {"units", "delta_wer"} <= set(data):
+            raise ValueError(f"{path} is not a probe report: it has no 'units' and 'delta_wer' (write one with "
+                             "`layerfx probe` or the importance callback)")
+        return data
     return asdict(report) if is_dataclass(report) else dict(report)
 
 

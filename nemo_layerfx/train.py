@@ -215,9 +215,32 @@ def _main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def check_config_name(argv: list[str]) -> str | None:
+    """One line naming the shipped configs when ``--config-name`` names none of them (and no ``--config-path``
+    points elsewhere); None when the name is fine. Hydra's own error is a 50-line traceback."""
+    name, has_path = None, False
+    for i, arg in enumerate(argv):
+        for flag in ("--config-name", "-cn", "--config-path", "-cp"):
+            if arg == flag or arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+                if flag in ("--config-path", "-cp"):
+                    has_path = True
+                else:
+                    name = value
+    shipped = sorted(p.stem for p in Path(CONF_DIR).glob("*.yaml"))
+    if name is None or has_path or Path(name).stem in shipped:
+        return None
+    return f"no config named {name!r} in {CONF_DIR}; shipped: {', '.join(shipped)} (or give --config-path)"
+
+
 def main() -> None:
     """Console entry: a NeMo ``hydra_runner`` rooted at the packaged configs."""
     from nemo.core.config import hydra_runner
+
+    problem = check_config_name(sys.argv[1:])
+    if problem:
+        print(f"[layerfx] error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
     hydra_runner(config_path=CONF_DIR, config_name="conformer_gn")(_main)()
 

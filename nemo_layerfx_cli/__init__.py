@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   layerfx lowrank model.nemo small.nemo --att 0.1,0.2 --ffn 0.2,0.5
   layerfx merge small.nemo dense.nemo
   layerfx depth-sweep model.nemo --manifest data/commands/dev_manifest.json
+  layerfx eval model.nemo --manifest data/commands/test_manifest.json
   layerfx unshare shared.nemo unshared.nemo
   layerfx set-depth model.nemo model_sli5.nemo --depth 5
   layerfx prune gated.nemo pruned.nemo --report runs/survival
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="resets of one layer evaluated as one batch through the layers after it (GPU: 8)")
     pr.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
     pr.add_argument("--out", default="runs/probe", help="folder for probe.json and probe.png")
+    pr.add_argument("--force", action="store_true", help="overwrite the report a previous probe wrote in --out")
 
     ex = _command(sub, "extract", "a federated-dropout submodel of a GroupNorm Conformer .nemo, as a .nemo",
                   "layerfx extract model.nemo client.nemo --rate 0.5 --kinds ffn head conv")
@@ -106,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     fl = _command(sub, "fl", "federated dropout on Flower's simulation engine (conf/federated/*.yaml)",
                   "layerfx fl --config-name fd_flat model=runs/pretrained.nemo rounds=5")
-    fl.add_argument("--config-name", default="fd_flat", help="fd_flat, fd_ambient, fd_critical or your own")
+    fl.add_argument("--config-name", default="fd_flat",
+                    help="fd_flat, fd_ambient, fd_critical, or the path of your own .yaml (same fields)")
     fl.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. plan.rate=0.3 num_clients=8")
 
     cp = _command(sub, "compare", "agreement of layer rankings across probe reports",
@@ -135,11 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--probe", default=None, help="a block-level probe.json of the same model, shown beside")
     ds.add_argument("--probe-mode", default="rerand", choices=["rerand", "reinit"],
                     help="which of the probe report's resets to show (default rerand)")
+    ds.add_argument("--all-layers", action="store_true",
+                    help="a model with an inference depth M (set-depth): sweep all its N layers, not only 1..M")
     ds.add_argument("--batch-size", type=int, default=16, help="utterances per batch")
     ds.add_argument("--max-utterances", type=int, default=None,
                     help="evaluate the first N utterances of the manifest (sorted by duration); default: all")
     ds.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
     ds.add_argument("--out", default="runs/depth", help="folder for depth_sweep.json and depth_sweep.png")
+    ds.add_argument("--force", action="store_true", help="overwrite the sweep a previous run wrote in --out")
+
+    ev = _command(sub, "eval", "a .nemo's WER (with a bootstrap interval), real-time factor and parameter count on a "
+                  "manifest, as transcribe() decodes it", "layerfx eval model.nemo --manifest data/commands/test_manifest.json")
+    ev.add_argument("model", help="a NeMo ASR .nemo (CTC, RNNT or hybrid; any encoder this plugin reads)")
+    ev.add_argument("--manifest", required=True,
+                    help="NeMo manifest (relative audio paths are resolved against the manifest's folder)")
+    ev.add_argument("--batch-size", type=int, default=16, help="utterances per batch")
+    ev.add_argument("--max-utterances", type=int, default=None,
+                    help="evaluate the first N utterances of the manifest (sorted by duration); default: all")
+    ev.add_argument("--bootstrap", type=int, default=1000,
+                    help="resamples of the utterances for the WER's interval (0: no interval)")
+    ev.add_argument("--ci-level", type=float, default=0.95, help="level of the interval")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    ev.add_argument("--device", default=None, help="e.g. cuda; default: where the model loads (cpu)")
+    ev.add_argument("--json", action="store_true", help="print the result as one JSON object (for scripts)")
 
     us = _command(sub, "unshare", "a parameter-shared model -> the equivalent unshared model (identical outputs)",
                   "layerfx unshare shared.nemo unshared.nemo")
@@ -191,9 +212,39 @@ def _spec(text: str | None, flag: str) -> None:
         raise ValueError(f"{flag} {text}: α values must be in (0, 1], one (uniform) or two (ramp)")
 
 
+def _federated_configs() -> list[str]:
+    """Names of the shipped federated configs (conf/federated/*.yaml), found without importing the package."""
+    import importlib.util
+    from pathlib import Path
+
+    folder = Path(importlib.util.find_spec("nemo_layerfx").origin).parent / "conf" / "federated"
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _fresh(out: str, name: str, force: bool) -> None:
+    """Refuse to overwrite what an earlier run wrote in ``out`` (its ``name``) unless ``--force``."""
+    if not force and os.path.exists(os.path.join(out, name)):
+        raise ValueError(f"--out {out} already holds {name} from an earlier run; give another --out, or --force "
+                         "to overwrite it")
+
+
+def _at_least(flag: str, value: int | None, low: int = 1) -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{flag} {value}: must be >= {low}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Cheap checks of a command's flags, before anything heavy is imported; errors name the flag."""
     cmd = args.command
+    if cmd in ("probe", "depth-sweep", "eval"):
+        _at_least("--max-utterances", args.max_utterances)
+        _at_least("--batch-size", args.batch_size)
+    if cmd == "eval":
+        _need_file(args.model, "model")
+        _need_file(args.manifest, "--manifest")
+        _at_least("--bootstrap", args.bootstrap, 0)
+        if not 0.0 < args.ci_level < 1.0:
+            raise ValueError(f"--ci-level {args.ci_level}: must be in (0, 1)")
     if cmd == "probe":
         _need_file(args.model, "model")
         _need_file(args.manifest, "--manifest")
@@ -202,10 +253,8 @@ def check_args(args: argparse.Namespace) -> None:
                              f"start); a pretrained .nemo does not carry its initial weights, so use --mode rerand")
         if args.init is not None:
             _need_file(args.init, "--init")
-        for flag, value, low in (("--draws", args.draws, 1), ("--batch-size", args.batch_size, 1),
-                                 ("--batch-variants", args.batch_variants, 1)):
-            if value < low:
-                raise ValueError(f"{flag} {value}: must be >= {low}")
+        _at_least("--draws", args.draws)
+        _at_least("--batch-variants", args.batch_variants)
         if args.threshold < 0:
             raise ValueError(f"--threshold {args.threshold}: must be >= 0")
         if args.rule == "ci" and args.bootstrap < 1:
@@ -227,13 +276,13 @@ def check_args(args: argparse.Namespace) -> None:
         _need_file(args.manifest, "--manifest")
         if args.probe is not None:
             _need_file(args.probe, "--probe")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     elif cmd == "set-depth" and args.depth < 0:
         raise ValueError(f"--depth {args.depth}: an inference depth is 1..n_layers (0: all layers)")
     if cmd in ("convert-norm", "lowrank", "merge", "unshare", "set-depth", "prune"):
         _need_file(args.input, "input")
         _distinct(args.input, args.output)
+        if cmd == "convert-norm":
+            _at_least("--groups", args.groups)
         if cmd == "lowrank":
             for flag in ("--att", "--ffn", "--conv"):
                 _spec(getattr(args, flag[2:]), flag)
@@ -241,6 +290,13 @@ def check_args(args: argparse.Namespace) -> None:
                 raise ValueError("give at least one of --att, --ffn, --conv (e.g. --att 0.1,0.2 --ffn 0.2,0.5)")
             if args.multiple_of < 1:
                 raise ValueError(f"--multiple-of {args.multiple_of}: must be >= 1")
+    elif cmd == "fl":
+        name = args.config_name
+        if name.endswith((".yaml", ".yml")):
+            _need_file(name, "--config-name")
+        elif name not in _federated_configs():
+            raise ValueError(f"--config-name {name}: no such federated config; shipped: "
+                             f"{', '.join(_federated_configs())} (or give the path of your own .yaml)")
     elif cmd == "compare":
         for path in args.reports:
             _need_file(path, "report")
@@ -249,6 +305,16 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--n {args.n}: must be >= 1")
         if not 1 <= args.speakers <= 152:
             raise ValueError(f"--speakers {args.speakers}: speakers must be between 1 and 152")
+        _at_least("--workers", args.workers)
+        for flag, frac in (("--dev-frac", args.dev_frac), ("--test-frac", args.test_frac)):
+            if not 0.0 <= frac < 1.0:
+                raise ValueError(f"{flag} {frac}: a fraction of the sentences, in [0, 1)")
+        if args.dev_frac + args.test_frac >= 1.0:
+            raise ValueError(f"--dev-frac {args.dev_frac} + --test-frac {args.test_frac} leave no training sentences")
+        _at_least("--vocab", args.vocab, 0)
+        _at_least("--vocab-size", args.vocab_size, -1)
+    if cmd in ("probe", "depth-sweep"):  # last: every other mistake is named first
+        _fresh(args.out, "probe.json" if cmd == "probe" else "depth_sweep.json", args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

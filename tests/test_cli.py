@@ -53,10 +53,28 @@ def test_every_option_of_every_command_is_explained_with_an_example():
     (["probe", "{model}", "--manifest", "{model}", "--draws", "0"], "--draws 0: must be >= 1"),
     (["lowrank", "{model}", "out.nemo", "--att", "0.1,x"], "--att 0.1,x: use A (uniform α)"),
     (["make-corpus", "--out", "x", "--n", "0"], "--n 0: must be >= 1"),
+    (["make-corpus", "--out", "x", "--dev-frac", "1.2"], "--dev-frac 1.2: a fraction of the sentences, in [0, 1)"),
+    (["make-corpus", "--out", "x", "--dev-frac", "0.5", "--test-frac", "0.5"], "leave no training sentences"),
+    (["make-corpus", "--out", "x", "--workers", "0"], "--workers 0: must be >= 1"),
+    (["probe", "{model}", "--manifest", "{model}", "--max-utterances", "0"], "--max-utterances 0: must be >= 1"),
+    (["depth-sweep", "{model}", "--manifest", "{model}", "--max-utterances", "-5"], "--max-utterances -5: must be >= 1"),
+    (["eval", "{model}", "--manifest", "{model}", "--max-utterances", "0"], "--max-utterances 0: must be >= 1"),
+    (["eval", "{model}", "--manifest", "{model}", "--ci-level", "1.5"], "--ci-level 1.5: must be in (0, 1)"),
+    (["eval", "{model}", "--manifest", "nope.json"], "--manifest nope.json: no such file"),
+    (["convert-norm", "{model}", "out.nemo", "--groups", "0"], "--groups 0: must be >= 1"),
+    (["set-depth", "{model}", "out.nemo", "--depth", "-1"], "--depth -1: an inference depth is 1..n_layers"),
+    (["fl", "--config-name", "fd_nope"], "--config-name fd_nope: no such federated config; shipped: fd_ambient, "
+                                         "fd_critical, fd_flat"),
+    (["probe", "{model}", "--manifest", "{model}", "--out", "{done}"], "already holds probe.json from an earlier run"),
+    (["depth-sweep", "{model}", "--manifest", "{model}", "--out", "{done}"], "already holds depth_sweep.json"),
 ])
 def test_bad_flags_fail_before_anything_is_loaded(tmp_path, capsys, argv, message):
     model = tmp_path / "model.nemo"
     model.write_bytes(b"not looked at: the flag check comes first")
-    code = main([a.replace("{model}", str(model)) for a in argv])
+    done = tmp_path / "done"  # the output folder of an earlier probe and sweep
+    done.mkdir()
+    (done / "probe.json").write_text("{}")
+    (done / "depth_sweep.json").write_text("{}")
+    code = main([a.replace("{model}", str(model)).replace("{done}", str(done)) for a in argv])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1, err  # one line; the garbage model never read

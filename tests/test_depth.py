@@ -326,12 +326,16 @@ def test_transcribe_honours_the_inference_depth_and_the_sweep_runs_on_stock_nemo
 
 @pytest.mark.integration
 def test_probe_honours_the_inference_depth(tiny_cfg, corpus):
-    cfg = tiny_cfg("conformer_gn_tiny", "model.encoder.n_layers=3", "+model.encoder.inference_depth=2")
-    torch.manual_seed(0)
-    model = model_class(cfg)(cfg=cfg.model).eval()
-    report = probe(model, corpus / "dev_manifest.json", ProbeConfig())
+    model, _ = uneven_model(tiny_cfg)
+    manifest = corpus / "dev_manifest.json"
+    sweep = depth_sweep(model, manifest)  # loss at depths 1, 2, 3: they differ
+    set_inference_depth(model, 2)
+    report = probe(model, manifest, ProbeConfig())
     assert report.units == ["layers.0", "layers.1"] and report.config["depth"] == 2
-    assert report.baseline_wer == evaluate_wer(model, corpus / "dev_manifest.json", batch_size=16)
+    assert report.baseline_wer == evaluate_wer(model, manifest, batch_size=16)
+    # the baseline is the model at depth 2, not its 3 layers (the WERs of an untrained model agree; the losses not)
+    assert report.baseline_loss == pytest.approx(sweep.loss[1], rel=1e-5)
+    assert report.baseline_loss != pytest.approx(sweep.loss[2], rel=1e-3)
 
 
 @pytest.mark.unit

@@ -14,7 +14,9 @@ import os
 from omegaconf import open_dict
 from torch import nn
 
-from nemo_layerfx.models import check_output, clone_model, conformer_encoder, count_params, restore, save_nemo
+from nemo_layerfx.models import (
+    check_output, clone_model, conformer_encoder, count_params, load_config, restore, save_nemo,
+)
 
 
 def unshare(model: nn.Module) -> nn.Module:
@@ -62,6 +64,9 @@ def unshare_file(src: str | os.PathLike, dst: str | os.PathLike) -> dict[str, in
 def set_depth_file(src: str | os.PathLike, dst: str | os.PathLike, depth: int | None) -> int:
     """Write ``src`` with an inference depth to ``dst`` (atomic; ``src`` never modified); returns n_layers."""
     check_output(src, dst)
+    n = load_config(src).encoder.get("n_layers")  # a depth the config rules out is refused before the model loads
+    if depth is not None and n is not None and not 1 <= int(depth) <= int(n):
+        raise ValueError(f"inference depth {depth} is not one of the model's {n} layers (1..{n}; 0: all layers)")
     model = set_inference_depth(restore(src), depth)
     save_nemo(model, dst)
     return len(conformer_encoder(model).layers)

@@ -24,7 +24,7 @@ from torch import nn
 from nemo_layerfx.evaluate import (
     audio_batches, batch_loss, decode, next_layer, output_from, prefix_start, read_manifest, wer,
 )
-from nemo_layerfx.models import block_layers, conformer_encoder, read_report
+from nemo_layerfx.models import block_layers, conformer_encoder, eval_depth, read_report
 
 
 @dataclass
@@ -50,17 +50,22 @@ class DepthReport:
         """Per depth M: WER, its change from the full depth, loss, RTF, and the consistency of layers M-1 and M
         (the pair ending at the layer M adds); with a block probe report, its WER change for layer M-1 beside."""
         n = len(self.depths)
-        head = f"{'depth':>5} {'WER':>8} {'dWER vs N':>10} {'loss':>9} {'RTF':>8} {'L2 to prev':>11} {'cosine':>7}"
+        own = self.config.get("inference_depth") or n  # the depth the model runs; the WER change is against it
+        head = (f"{'depth':>5} {'WER':>8} {f'dWER vs {own}':>10} {'loss':>9} {'RTF':>8} {'L2 to prev':>11} "
+                f"{'cosine':>7}")
         probe_delta = None
         if probe is not None:
             probe_delta = probe_layer_deltas(probe, n, mode)
             head += f"  {'probe dWER ' + mode:>18} (layer M-1)"
-        lines = [f"{self.utterances} utterances, {self.audio_seconds:.0f} s of audio; {n} layers", head]
+        total = self.config.get("n_layers") or n
+        held = (f"the model runs {own} of its {total} layers (inference depth {own}); depths 1..{n} swept"
+                + ("" if n == total else " (--all-layers sweeps all)")) if own != total else f"{n} layers"
+        lines = [f"{self.utterances} utterances, {self.audio_seconds:.0f} s of audio; {held}", head]
         for k, m in enumerate(self.depths):
             pair = k - 1  # the pair (m-2, m-1): consistency of the last two layers this depth runs
             l2 = f"{self.l2[pair]:11.3f}" if pair >= 0 else f"{'':11}"
             cos = f"{self.cosine[pair]:7.3f}" if pair >= 0 else f"{'':7}"
-            row = (f"{m:5d} {self.wer[k]:8.4f} {self.wer[k] - self.wer[-1]:+10.4f} {self.loss[k]:9.3f} "
+            row = (f"{m:5d} {self.wer[k]:8.4f} {self.wer[k] - self.wer[own - 1]:+10.4f} {self.loss[k]:9.3f} "
                    f"{self.rtf[k]:8.4f} {l2} {cos}")
             if probe_delta is not None and k < len(probe_delta):
                 row += f"  {probe_delta[k]:+18.4f}"
@@ -70,8 +75,12 @@ class DepthReport:
 
 @torch.no_grad()
 def depth_sweep(model: nn.Module, manifest: str | Path, batch_size: int = 16, max_utterances: int | None = None,
-                progress: Callable[[int], None] | None = None) -> DepthReport:
-    """Evaluate ``model`` cut to every depth 1..N in one pass over ``manifest`` (eval mode; weights untouched).
+                progress: Callable[[int], None] | None = None, all_layers: bool = False) -> DepthReport:
+    """Evaluate ``model`` cut to every depth 1..M in one pass over ``manifest`` (eval mode; weights untouched).
+
+    M is the depth the model runs at inference: all N layers, or its inference depth (``set-depth``, Tian's SLI),
+    so that depth M is the model as ``transcribe()`` runs it. ``all_layers`` sweeps all N layers the model holds
+    (an SLI model keeps the weights of the layers it skips).
 
     Example::
 
@@ -79,7 +88,8 @@ def depth_sweep(model: nn.Module, manifest: str | Path, batch_size: int = 16, ma
         print(report.table())
     """
     enc = conformer_encoder(model)
-    n = len(enc.layers)
+    own = eval_depth(enc)
+    n = len(enc.layers) if all_layers else own
     rows = read_manifest(manifest, max_utterances)
     device = next(model.parameters()).device
     errors = [[] for _ in range(n)]
@@ -126,7 +136,8 @@ def depth_sweep(model: nn.Module, manifest: str | Path, batch_size: int = 16, ma
                        loss=[s / len(refs) for s in loss_sum], rtf=rtf, l2=[s / frames for s in l2_sum],
                        cosine=[s / frames for s in cos_sum], utterances=len(refs), audio_seconds=audio_s,
                        config={"batch_size": batch_size, "max_utterances": max_utterances, "device": str(device),
-                               "share_layers": getattr(enc, "share_layers", None)})
+                               "share_layers": getattr(enc, "share_layers", None), "n_layers": len(enc.layers),
+                               "inference_depth": own})
 
 
 def probe_layer_deltas(probe: Any, n_layers: int, mode: str = "rerand") -> list[float]:
@@ -160,7 +171,7 @@ def plot_sweep(report: DepthReport, path: str | Path, probe: Any = None, mode: s
     a.plot(report.depths, report.wer, marker="o", label="WER at depth M")
     if probe is not None:
         delta = probe_layer_deltas(probe, len(report.depths), mode)
-        base = report.wer[-1]
+        base = report.wer[(report.config.get("inference_depth") or len(report.depths)) - 1]  # the probe's baseline
         a.plot(report.depths[: len(delta)], [base + d for d in delta], marker="s", ls="--",
                label=f"probe: WER after {mode} of layer M-1")
     a.set_xlabel("inference depth M")

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from nemo_layerfx.evaluate import (
-    Prefix, audio_batches, batch_loss, decode, encode_prefix, output_from, read_manifest, run_layers, wer,
+    Prefix, audio_batches, batch_loss, decode, encode_prefix, output_from, read_manifest, wer,
 )
 from nemo_layerfx.importance.compare import spearman
 from nemo_layerfx.importance.stats import delta_interval, draw_spread, error_counts, resamples
@@ -205,8 +205,8 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
                                                                    device)):
             refs += texts
             prefix = encode_prefix(model, audio, lengths, depth=depth)
-            with torch.no_grad():
-                out = run_layers(enc, prefix, len(prefix.hidden) - 1)
+            with torch.no_grad():  # the model as it runs: the output of layer depth-1 (SLI(M): not the last layer)
+                out = output_from(enc, prefix.hidden[depth])
                 base_hyps += decode(model, out, prefix.length)
                 if cfg.loss:
                     base_loss += batch_loss(model, out, prefix.length, texts) * len(texts)

@@ -58,7 +58,8 @@ def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = Non
                                      f"first (`layerfx merge`) to factorize it again")
                 if not isinstance(module, (nn.Linear, nn.Conv1d)):
                     raise ValueError(f"layers.{b}.{path} is a {type(module).__name__}; only nn.Linear and kernel-1 "
-                                     f"nn.Conv1d can be factorized")
+                                     f"nn.Conv1d can be factorized: undo the wrapper first (adaptive-dropout gates: "
+                                     f"`layerfx prune`, or nemo_layerfx.pruning.remove_gates)")
                 m, n = module.weight.shape[0], module.weight[0].numel()
                 r = config.rank(group, b, len(sets), m, n)
                 _replace(layer, path, LowRankLinear.from_dense(module, r, init=init))
