@@ -127,7 +127,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None):
     if extra_callbacks:
         trainer_kwargs["callbacks"] = list(trainer_kwargs.get("callbacks") or []) + list(extra_callbacks)
     trainer = pl.Trainer(**trainer_kwargs)
-    exp_manager(trainer, cfg.get("exp_manager", None))
+    log_dir = exp_manager(trainer, cfg.get("exp_manager", None))
+    if log_dir is not None:
+        log_to_file(Path(log_dir) / f"nemo_log_globalrank-{trainer.global_rank}.txt")
     with without_nemo_warnings(*NO_DATA_WARNINGS[2:]):  # a config without a test set is not worth a warning
         model = cls(cfg=cfg.model, trainer=trainer)
     model.maybe_init_from_pretrained_checkpoint(cfg)
@@ -167,6 +169,19 @@ def saved_nemo(trainer) -> str | None:
         return None
     path = Path(cb.dirpath) / f"{cb.prefix}{cb.postfix}"
     return str(path.resolve()) if path.is_file() else None
+
+
+def log_to_file(path: Path) -> None:
+    """NeMo's log records, info included, to ``path`` in the experiment folder (NeMo 3.0 writes only warnings
+    there unless NEMO_TESTING is set); the console stays as quiet as ``quiet_console`` makes it. One file per
+    process at a time: a second ``train`` in the same process moves the handler to its own experiment."""
+    from nemo.utils import logging as nemo_logging
+
+    old = nemo_logging._handlers.pop("file", None)
+    if old is not None:
+        nemo_logging._logger.removeHandler(old)
+        old.close()
+    nemo_logging.add_file_handler(path)
 
 
 def quiet_console(verbose: bool = False) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -69,6 +70,8 @@ def test_federated_run_drops_faulty_clients_and_a_killed_run_resumes_to_the_same
     assert "round 3: dev WER" in done.stdout
     # the command keeps NeMo's and Lightning's info logs quiet, also those of the simulation's client actors
     assert "[NeMo I" not in done.stdout + done.stderr and "GPU available" not in done.stdout + done.stderr
+    # nor Flower's ("INFO :" with or without colour codes; its console level is WARNING in our commands)
+    assert not re.search(r"INFO \S*:", done.stdout + done.stderr)
     assert (whole / "metrics.png").stat().st_size > 5000
     trained = restore(whole / "global.nemo").state_dict()
     final = torch.load(whole / "checkpoint.pt", weights_only=True)

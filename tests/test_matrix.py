@@ -244,3 +244,18 @@ def test_every_consumer_answers_right_or_refuses_by_name(producer, made, corpus,
         if (want == OK) != (got[consumer] == OK) or (want != OK and not re.search(want, got[consumer])):
             wrong[consumer] = f"expected {want!r}, got {got[consumer]!r}"
     assert not wrong, f"{producer}: " + "; ".join(f"{c}: {w}" for c, w in wrong.items())
+
+
+@pytest.mark.unit
+def test_the_documented_matrix_is_the_tested_one():
+    """docs/composition.md shows ✓ exactly where EXPECTED says the cell gives an answer."""
+    lines = (Path(__file__).resolve().parents[1] / "docs" / "composition.md").read_text().splitlines()
+    table = [line.strip("|").split("|") for line in lines if line.startswith("| ") and "---" not in line]
+    header, rows = [c.strip() for c in table[0][1:]], table[1:]
+    names = {"probe block": "probe-block", "probe module": "probe-module", "save/restore": "save-restore"}
+    assert [names.get(h, h) for h in header] == list(CONSUMERS)
+    assert len(rows) == len(PRODUCERS)
+    for row, producer in zip(rows, PRODUCERS):
+        assert row[0].strip().split(" (")[0].replace("sampled depth", "sampled-depth") == producer
+        for consumer, cell in zip(CONSUMERS, row[1:]):
+            assert (cell.strip() == "✓") == (EXPECTED[producer].get(consumer, OK) == OK), (producer, consumer, cell)

@@ -23,6 +23,10 @@ def test_examples_speech_to_text_entry_point(corpus, tmp_path):
     assert "[layerfx] dev WER at start:" in out.stdout and "dev WER at end:" in out.stdout
     assert f"[layerfx] trained model: {(tmp_path / 'm.nemo').resolve()}" in out.stdout
     assert "manifest_filepath` was None" not in out.stdout + out.stderr  # no test set is not worth a warning
+    # NeMo's info logs go to the experiment's log file, not the console
+    assert "[NeMo I" not in out.stdout + out.stderr
+    logs = list(tmp_path.glob("*/*/nemo_log_globalrank-0.txt"))
+    assert len(logs) == 1 and "[NeMo I" in logs[0].read_text() and "Experiments will be logged at" in logs[0].read_text()
 
 
 @pytest.mark.integration
@@ -63,3 +67,20 @@ def test_missing_manifest_is_a_clear_error(corpus, tmp_path):
     printed = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
     assert printed == [f"[layerfx] error: model.train_ds.manifest_filepath: no such manifest: {tmp_path}/nope.json "
                        f"(point it at a NeMo manifest, or set corpus_dir= to a folder made by layerfx make-corpus)"]
+    # a config name that is not shipped: one line listing those that are, not Hydra's 50-line traceback
+    out = run([str(REPO / "examples/asr/speech_to_text.py"), "--config-name", "nope"], tmp_path)
+    printed = [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+    assert out.returncode == 2 and len(printed) == 1, printed
+    assert printed[0].startswith("[layerfx] error: no config named 'nope' in ") and "conformer_gn_tiny," in printed[0]
+
+
+@pytest.mark.unit
+def test_config_name_check_reads_every_hydra_spelling():
+    from nemo_layerfx.train import check_config_name
+
+    assert check_config_name(["--config-name", "conformer_gn_tiny", "trainer.max_steps=2"]) is None
+    assert check_config_name(["--config-name=conformer_gn_tiny.yaml"]) is None
+    assert check_config_name([]) is None  # the default, conformer_gn
+    assert "no config named 'nope'" in check_config_name(["-cn", "nope"])
+    assert "no config named 'nope'" in check_config_name(["--config-name=nope"])
+    assert check_config_name(["--config-path", "/elsewhere", "--config-name", "mine"]) is None  # the user's folder
