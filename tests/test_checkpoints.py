@@ -101,6 +101,7 @@ def test_ours_restores_into_stock_nemo_by_swapping_target(tiny_cfg, corpus, tmp_
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a fresh Python process imports NeMo twice
 def test_restore_needs_the_plugin_and_works_once_imported(tiny_cfg, tmp_path):
     torch.manual_seed(0)
     path = tmp_path / "ours.nemo"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +20,8 @@ from nemo_layerfx.fl.task import (
     FLConfig, check_run, load_checkpoint, pass_size, save_checkpoint, train_submodel,
 )
 from nemo_layerfx.train import model_class
+
+pytestmark = pytest.mark.slow  # end-to-end: left out of `scripts/test.sh --fast`
 
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = ["++faults={client0_round2: crash, client1_round1: nan, client2_round3: shape}"]

@@ -25,6 +25,7 @@ def run_cases(interpret: bool) -> None:
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
 
 
+@pytest.mark.slow  # the kernels run in numpy through Triton's interpreter (~20 s)
 @pytest.mark.unit
 @needs_triton
 def test_kernels_match_the_reference_in_tritons_interpreter():

@@ -8,6 +8,8 @@ from nbclient import NotebookClient
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # end-to-end: left out of `scripts/test.sh --fast`
+
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 
 

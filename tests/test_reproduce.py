@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # end-to-end: left out of `scripts/test.sh --fast`
+
 RESULTS = REPO / "experiments" / "results"
 
 

@@ -15,6 +15,7 @@ def run(args: list[str], cwd) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_examples_speech_to_text_entry_point(corpus, tmp_path):
     out = run([str(REPO / "examples/asr/speech_to_text.py"), "--config-name", "conformer_gn_tiny", *TINY,
                f"corpus_dir={corpus}", f"exp_manager.exp_dir={tmp_path}", "layerfx.report_wer=true",
@@ -30,6 +31,7 @@ def test_examples_speech_to_text_entry_point(corpus, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("script, config", [
     ("nemo_speech_to_text_ctc_bpe.py", "conformer_gn_tiny"),
     ("nemo_speech_to_text_rnnt_bpe.py", "conformer_gn_transducer_tiny"),
@@ -60,6 +62,7 @@ def test_stock_nemo_script_with_our_config(corpus, tmp_path, script, config):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_missing_manifest_is_a_clear_error(corpus, tmp_path):
     out = run([str(REPO / "examples/asr/speech_to_text.py"), "--config-name", "conformer_gn_tiny", *TINY,
                f"corpus_dir={corpus}", f"model.train_ds.manifest_filepath={tmp_path}/nope.json"], tmp_path)
