@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 from pathlib import Path
 
+from nemo_layerfx.quiet import quiet_console
 from nemo_layerfx_cli import build_parser, check_args  # noqa: F401  (re-exported for callers of the old module)
 
 
@@ -242,37 +241,10 @@ COMMANDS = {"make-corpus": _make_corpus, "convert-norm": _convert_norm, "probe":
             "eval": _eval, "unshare": _unshare, "set-depth": _set_depth, "prune": _prune}
 
 
-def quiet_logs(verbose: bool = False) -> None:
-    """NeMo's and Lightning's info chatter off for commands (``-v`` keeps it): only lines that mean something.
-
-    Also for the processes a command starts (``layerfx fl``'s Flower simulation actors, which restore and train
-    NeMo models and would print their logs to this console): ``LAYERFX_QUIET_LOGS`` tells them to call this too."""
-    if verbose or os.environ.get("LAYERFX_VERBOSE"):
-        return
-    os.environ["LAYERFX_QUIET_LOGS"] = "1"
-    os.environ.setdefault("FLWR_LOG_LEVEL", "WARNING")  # Flower's console level, read when flwr is imported
-    for handler in logging.getLogger("flwr").handlers:  # and if it already was
-        handler.setLevel(logging.WARNING)
-    import importlib
-    import importlib.util
-
-    # Lightning's packages set their loggers to INFO when imported, and the standalone pytorch_lightning (which
-    # other packages import) takes over Lightning's rank-zero messages: imported first, so that our levels stay
-    names = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
-    for name in names:
-        if importlib.util.find_spec(name.split(".")[0]) is not None:
-            importlib.import_module(name)
-    from nemo.utils import logging as nemo_logging
-
-    nemo_logging.setLevel(logging.WARNING)
-    for name in ("lightning", *names):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run a parsed, checked ``layerfx`` command; a user error ends in one line naming it, exit status 2."""
     try:
-        quiet_logs(getattr(args, "verbose", False))
+        quiet_console(getattr(args, "verbose", False), child_processes=True)
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"layerfx {args.command}: error: {e}", file=sys.stderr)

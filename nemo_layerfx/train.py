@@ -143,8 +143,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None):
         report["steps"] = int(trainer.global_step)
         start, end = report["start"].get("val_wer"), report["end"].get("val_wer")
         logging.info(f"dev WER: start {start:.4f} -> end {end:.4f} after {trainer.global_step} steps")
-        print(f"[layerfx] dev WER at start: {start:.4f}   dev WER at end: {end:.4f}   "
-              f"({trainer.global_step} steps)", flush=True)
+        if trainer.is_global_zero:  # under DDP every rank gets here with the same (reduced) numbers
+            print(f"[layerfx] dev WER at start: {start:.4f}   dev WER at end: {end:.4f}   "
+                  f"({trainer.global_step} steps)", flush=True)
         if extra.get("report_path"):
             Path(extra.report_path).parent.mkdir(parents=True, exist_ok=True)
     test = cfg.model.get("test_ds")
@@ -154,9 +155,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None):
     if extra.get("save_to"):
         model.save_to(str(extra.save_to))
     nemo = str(Path(extra.save_to).resolve()) if extra.get("save_to") else saved_nemo(trainer)
-    if nemo:
+    if nemo and trainer.is_global_zero:
         print(f"[layerfx] trained model: {nemo}", flush=True)
-    if extra.get("report_wer") and extra.get("report_path"):
+    if extra.get("report_wer") and extra.get("report_path") and trainer.is_global_zero:
         report["nemo"] = nemo
         Path(extra.report_path).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return model
@@ -184,23 +185,6 @@ def log_to_file(path: Path) -> None:
     nemo_logging.add_file_handler(path)
 
 
-def quiet_console(verbose: bool = False) -> None:
-    """Only warnings and errors on the console during training (NeMo's info lines, sample predictions and
-    Lightning's banners stay in the experiment's log file); a progress bar shows the training itself."""
-    if verbose or os.environ.get("LAYERFX_VERBOSE"):
-        return
-    import logging as std_logging
-
-    from nemo.utils import logging as nemo_logging
-
-    for name in ("stream_stdout", "stream_stderr"):
-        handler = nemo_logging._handlers.get(name)
-        if handler is not None:
-            handler.setLevel(std_logging.WARNING)
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        std_logging.getLogger(name).setLevel(std_logging.WARNING)
-
-
 def user_error(exc: BaseException) -> str | None:
     """The message of a config or input error that nemo_layerfx itself raised (anywhere in the exception chain,
     e.g. inside Hydra's instantiation of our encoder), else None: a bug keeps its full traceback."""
@@ -219,6 +203,8 @@ def user_error(exc: BaseException) -> str | None:
 
 
 def _main(cfg: DictConfig) -> None:
+    from nemo_layerfx.quiet import quiet_console
+
     quiet_console(bool((cfg.get("layerfx") or {}).get("verbose", False)))
     try:
         train(cfg)

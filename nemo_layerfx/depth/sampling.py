@@ -5,8 +5,9 @@ every DDP rank get the same N without any communication, and a rerun with the sa
 The encoder cannot see the trainer's step, so ``DepthSampling`` (a Lightning callback, listed under
 ``trainer.callbacks``) hands it over before each batch and logs the draw as ``train_depth``.
 
-With unshared layers the layers above N get no gradient in that step: under DDP set
-``trainer.strategy=ddp_find_unused_parameters_true``. With ``share_layers: 1`` every parameter is used every step.
+With unshared layers the layers above N get no gradient in that step: under DDP, ``DepthSampling`` tells the
+strategy to look for them (``nemo_layerfx.distributed``), so no strategy override is needed. With
+``share_layers: 1`` every parameter is used every step and DDP runs as usual.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class DepthSampler:
         return self.draw(self.step)
 
 
+def skips_parameters(encoder: nn.Module, sampler: DepthSampler) -> bool:
+    """Whether a step at the lowest depth leaves a parameter set unused (unshared layers, or G > 1 shared sets)."""
+    n, groups = len(encoder.layers), getattr(encoder, "share_layers", None) or len(encoder.layers)
+    return (sampler.low - 1) * groups // n < groups - 1  # the set of layer low-1 is not the last set
+
+
 def apply_option(encoder: nn.Module, value: Any) -> None:
     """The ``depth_sampling`` encoder option: attach a ``DepthSampler`` (checked against the encoder)."""
     from omegaconf import DictConfig, OmegaConf
@@ -84,9 +91,16 @@ class DepthSampling(pl.Callback, Serialization):
         self.history: list[tuple[int, int]] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if getattr(conformer_encoder(pl_module), "depth_sampler", None) is None:
+        enc = conformer_encoder(pl_module)
+        sampler = getattr(enc, "depth_sampler", None)
+        if sampler is None:
             raise ValueError("DepthSampling is in trainer.callbacks but the encoder has no depth_sampling: set "
                              "model.encoder.depth_sampling: {low: L, high: H}, or remove the callback")
+        if skips_parameters(enc, sampler):
+            from nemo_layerfx.distributed import allow_unused_parameters
+
+            allow_unused_parameters(trainer, f"sampled depth {sampler.low}..{sampler.high} skips the parameters of "
+                                             "the layers above it")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

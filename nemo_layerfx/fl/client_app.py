@@ -32,9 +32,9 @@ def make_client_app(cfg: FLConfig | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         if os.environ.get("LAYERFX_QUIET_LOGS"):  # started by a `layerfx` command that keeps NeMo's logs quiet
-            from nemo_layerfx.cli import quiet_logs
+            from nemo_layerfx.quiet import quiet_console
 
-            quiet_logs()
+            quiet_console()
         c, pid = config(context), int(context.node_config["partition-id"])
         conf = msg.content["config"]
         rnd = int(conf["server-round"])

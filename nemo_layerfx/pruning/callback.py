@@ -47,6 +47,10 @@ class AdaptiveDropout(pl.Callback, Serialization):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         enc = gated_encoder(pl_module)
         cfg = enc.adaptive_dropout_schedule.config
+        if cfg.settle_after_k:
+            from nemo_layerfx.distributed import allow_unused_parameters
+
+            allow_unused_parameters(trainer, f"the gates settle after K = {cfg.steps} steps and get no gradient")
         optim = (pl_module.cfg.get("optim") or {}) if hasattr(pl_module, "cfg") else {}
         self.mode = cfg.mode(optim.get("name"))
         if self.mode == "weight_decay" and str(optim.get("name", "")).lower() == "adamw":

@@ -45,9 +45,8 @@ class SurvivalReport:
 
 @torch.no_grad()
 def survival_report(model: nn.Module) -> SurvivalReport:
-    from nemo_layerfx.pruning.prune import effective_params
     from nemo_layerfx.models import count_params
-    from nemo_layerfx.pruning.apply import remove_gates
+    from nemo_layerfx.pruning.prune import effective_params
 
     enc = gated_encoder(model)
     schedule = enc.adaptive_dropout_schedule
@@ -55,7 +54,10 @@ def survival_report(model: nn.Module) -> SurvivalReport:
     kinds = list(per_layer[0])
     survival = {k: [float((g[k].beta() >= schedule.config.c_inf).float().mean()) for g in per_layer] for k in kinds}
     expected = {k: [float(g[k].expected_retention().mean()) for g in per_layer] for k in kinds}
-    return SurvivalReport(kinds, survival, expected, effective_params(model), count_params(remove_gates(model)),
+    # the gates' own logits are the only parameters the dense model lacks (counted here, not on a copy: a model
+    # wrapped for DDP cannot be deep-copied, and the end of fit is where the callback asks)
+    gate_params = sum(g.beta_prime.numel() for layer in per_layer for g in layer.values())
+    return SurvivalReport(kinds, survival, expected, effective_params(model), count_params(model) - gate_params,
                           max(0, int(schedule.step)), schedule.target())
 
 
