@@ -35,3 +35,36 @@ def allow_unused_parameters(trainer: Any, why: str) -> bool:
 
         logging.info(f"[layerfx] DDP will look for parameters without a gradient ({why})")
     return True
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialized default process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank: one collective call, whatever each rank's
+    share held (an empty shard included), so ranks with unequal shards cannot hang on each other."""
+    import torch.distributed as dist
+
+    rank, size = world()
+    if size == 1:
+        return [obj]
+    out: list[Any] = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(items: list, rank: int, size: int) -> list:
+    """Rank ``rank``'s share of ``items``: every ``size``-th item from ``rank`` on (``interleave`` undoes it)."""
+    return items[rank::size]
+
+
+def interleave(shards: list[list]) -> list:
+    """The list ``shard`` split: item i comes from shard i % size, position i // size."""
+    size, total = len(shards), sum(len(s) for s in shards)
+    return [shards[i % size][i // size] for i in range(total)]

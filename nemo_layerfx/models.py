@@ -129,10 +129,15 @@ def save_nemo(model: nn.Module, dst: str | os.PathLike) -> Path:
 
 def clone_model(model: nn.Module) -> nn.Module:
     """A deep copy of a NeMo model without its trainer and data loaders (which cannot be copied, and belong to the
-    original); the copy's ``training_step`` wrapper is rebuilt for the copy."""
+    original); the copy's ``training_step`` wrapper is rebuilt for the copy. Methods wrapped on the instance (under
+    DDP Lightning wraps ``forward`` in a proxy that cannot be copied) are left to the copy's class."""
     from nemo.utils import model_utils
 
+    def proxy(v: Any) -> bool:  # a wrapt proxy (its C and Python classes differ: matched by name)
+        return any(c.__name__ == "ObjectProxy" for c in type(v).__mro__)
+
     skip = ("_trainer", "_train_dl", "_validation_dl", "_test_dl", "training_step")
+    skip += tuple(k for k, v in model.__dict__.items() if proxy(v) and k not in skip)
     saved = {k: model.__dict__.pop(k) for k in skip if k in model.__dict__}
     try:
         clone = copy.deepcopy(model)

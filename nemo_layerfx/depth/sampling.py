@@ -89,6 +89,7 @@ class DepthSampling(pl.Callback, Serialization):
         super().__init__()
         self.log = log
         self.history: list[tuple[int, int]] = []
+        self.rank_histories: list[list[tuple[int, int]]] = []  # every rank's history, after training
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         enc = conformer_encoder(pl_module)
@@ -110,6 +111,17 @@ class DepthSampling(pl.Callback, Serialization):
         self.history.append((sampler.step, depth))
         if self.log:
             pl_module.log("train_depth", float(depth), on_step=True, on_epoch=False, batch_size=1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Under DDP, every rank's (step, depth) sequence, gathered once (``rank_histories``): they must agree, as
+        the draw is a function of (seed, step) alone; a rank that drew otherwise trained another network."""
+        from nemo_layerfx.distributed import gather_objects
+
+        self.rank_histories = gather_objects([tuple(h) for h in self.history])
+        if any(h != self.rank_histories[0] for h in self.rank_histories[1:]):
+            raise RuntimeError("DDP ranks drew different depths: "
+                               + "; ".join(f"rank {r}: {h[:5]}..." for r, h in enumerate(self.rank_histories))
+                               + " (is depth_sampling.seed the same on every rank?)")
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [list(h) for h in self.history]}

@@ -104,17 +104,20 @@ class LayerImportanceCallback(pl.Callback, Serialization):
 
         from nemo_layerfx.importance.probe import probe
 
-        if not trainer.is_global_zero:
-            return
+        # under DDP every rank probes its share of the utterances and gets the whole report (one gather at the
+        # end, so unequal shares cannot hang); rank 0 writes and logs it
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=cuda):
-            report = probe(pl_module, self.manifest, self.config, init=self.snapshot)
+            report = probe(pl_module, self.manifest, self.config, init=self.snapshot,
+                           distributed=trainer.world_size > 1)
         step, out = trainer.global_step, self._paths(trainer)
-        report.to_json(out / f"probe_step{step}.json")
         entry = {"step": step, "epoch": trainer.current_epoch, "baseline_wer": report.baseline_wer,
                  "units": report.units, "delta_wer": report.delta_wer, "ambient": report.ambient,
                  "churn": report.churn}
         self.history.append(entry)
+        if not trainer.is_global_zero:
+            return
+        report.to_json(out / f"probe_step{step}.json")
         metrics = {"importance/baseline_wer": report.baseline_wer}
         for mode, deltas in report.delta_wer.items():
             metrics.update({f"importance/{mode}/dwer/{u}": d for u, d in zip(report.units, deltas)})

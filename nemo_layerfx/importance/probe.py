@@ -30,6 +30,7 @@ from nemo_layerfx.importance.stats import delta_interval, draw_spread, error_cou
 from nemo_layerfx.importance.resets import (
     check_snapshot, churn, fresh_draw, init_state, load_snapshot, probe_units, probed_encoder, swapped,
 )
+from nemo_layerfx.distributed import gather_objects, interleave, shard, world
 from nemo_layerfx.models import eval_depth
 
 MODES = ("reinit", "rerand")
@@ -154,11 +155,14 @@ class ProbeReport:
 
 def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = None,
           init: dict[str, torch.Tensor] | str | Path | None = None,
-          progress: Callable[[str], None] | None = None) -> ProbeReport:
+          progress: Callable[[str], None] | None = None, distributed: bool = False) -> ProbeReport:
     """Reset each encoder unit in turn, measure WER, restore it exactly; return the per-unit report.
 
     Works in place on ``model`` (CTC, RNNT or hybrid; any device) and leaves every weight as it found it, also
     when interrupted. ``init``: the step-0 snapshot (dict or safetensors path), required for ``reinit``.
+    ``distributed``: every rank of the initialized process group (DDP) calls this on the same weights; each probes
+    every ``world``-th utterance, the transcripts and losses are gathered in one collective call at the end, and
+    every rank returns the report a single process makes (the same transcripts; losses to float rounding).
 
     Example::
 
@@ -177,6 +181,8 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
     if init is not None:
         check_snapshot(model, init)
     rows = read_manifest(manifest, cfg.max_utterances)
+    rank, size = world() if distributed else (0, 1)
+    n_rows, rows = len(rows), shard(rows, rank, size)
     device = next(model.parameters()).device
     units = probe_units(model, cfg.unit, depth)
     # every reset state is drawn once, before any batch (the same draw for every batch)
@@ -225,6 +231,16 @@ def probe(model: nn.Module, manifest: str | Path, config: ProbeConfig | None = N
                             losses[mode][u][d] += batch_loss(model, outs[k], prefix.length, texts) * len(texts)
     finally:
         model.train(was_training)
+    if size > 1:  # one collective call, whatever each shard held
+        parts = gather_objects((refs, base_hyps, hyps, base_loss, losses))
+        refs, base_hyps = interleave([p[0] for p in parts]), interleave([p[1] for p in parts])
+        hyps = {m: [[interleave([p[2][m][u][d] for p in parts]) for d in range(len(vs))]
+                    for u, vs in enumerate(variants[m])] for m in cfg.modes}
+        base_loss = sum(p[3] for p in parts)
+        losses = {m: [[sum(p[4][m][u][d] for p in parts) for d in range(len(vs))] for u, vs in enumerate(variants[m])]
+                  for m in cfg.modes}
+        if len(refs) != n_rows:
+            raise RuntimeError(f"the ranks' shards hold {len(refs)} utterances, the manifest {n_rows}")
     base = wer(base_hyps, refs)
     report = ProbeReport(baseline_wer=base, utterances=len(refs), units=[n for n, _, _ in units],
                          config={**asdict(cfg), "depth": depth, "n_layers": len(enc.layers)})

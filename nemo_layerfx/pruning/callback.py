@@ -118,9 +118,10 @@ class AdaptiveDropout(pl.Callback, Serialization):
         from nemo_layerfx.pruning.report import plot_survival, survival_report
 
         self._log(trainer, pl_module)
+        # every rank asks: under DDP trainer.log_dir is a broadcast, which rank 0 alone would wait on forever
+        out = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "adaptive_dropout")
         if not trainer.is_global_zero:
             return
-        out = Path(self.out_dir or Path(trainer.log_dir or trainer.default_root_dir) / "adaptive_dropout")
         report = survival_report(pl_module)
         report.to_json(out / "survival.json")
         plot_survival(report, out / "survival.png")

@@ -26,6 +26,8 @@ def main(cfg):
     print("GATES", sum(type(m).__name__ == "RetentionGate" for m in asr_model.modules()))
     print("SHARED", getattr(asr_model.encoder, "share_layers", None), "DEPTHS",
           [d for _, d in next((cb.history for cb in trainer.callbacks if type(cb).__name__ == "DepthSampling"), [])])
+    ranks = next((cb.rank_histories for cb in trainer.callbacks if type(cb).__name__ == "DepthSampling"), [])
+    print("RANK_DEPTHS", [[d for _, d in h] for h in ranks], flush=True)
 
 
 if __name__ == '__main__':
