@@ -36,7 +36,8 @@ def parse_num_groups(conv_norm_type: str) -> int:
     if m is None or int(m.group(1)) < 1:
         raise ValueError(
             f"GroupNormConformerEncoder needs conv_norm_type='group_norm<G>' with G >= 1 (e.g. 'group_norm8'), "
-            f"got {conv_norm_type!r}. For batch_norm/layer_norm use {STOCK_ENCODER_TARGET}."
+            f"got {conv_norm_type!r}; a pretrained model's batch_norm, layer_norm, instance_norm or fused_batch_norm "
+            f"is kept as NeMo builds it."
         )
     return int(m.group(1))
 

@@ -49,6 +49,9 @@ ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
 LAYERFX_ONLY_KEYS = ("ff_hidden", "layer_n_heads", "conv_channels", "conv_groups", "layer_qk_dims", "layer_v_dims",
                      "share_layers", "inference_depth")
 LAYERFX_FLAGS = {"macaron_ffn": True}  # keys stock NeMo lacks, harmless at their default
+# conv norms of NeMo's pretrained Conformers that our encoder keeps as NeMo builds them (an adopted model computes
+# what it did; group_norm<G> is ours, padding-exact: NeMo's padded group_norm goes through `layerfx convert-norm`)
+KEPT_NORMS = ("batch_norm", "layer_norm", "instance_norm", "fused_batch_norm")
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,10 @@ def lean_modules_(encoder: ConformerEncoder) -> None:
 class GroupNormConformerEncoder(ConformerEncoder):
     """NeMo ``ConformerEncoder`` with a padding-exact GroupNorm conv module and optional per-layer widths.
 
-    Every ``ConformerEncoder`` argument keeps its meaning; ``conv_norm_type`` must be ``group_norm<G>``.
+    Every ``ConformerEncoder`` argument keeps its meaning. ``conv_norm_type``: ``group_norm<G>`` (ours, padding-exact)
+    or a pretrained model's own ``batch_norm`` / ``layer_norm`` / ``instance_norm`` / ``fused_batch_norm``, kept as
+    NeMo builds it (``nemo_layerfx.models.adopt_``), so depth, low rank and sharing apply to NVIDIA's models as they
+    are; the conv-unit features (federated dropout, conv gates, per-layer conv widths) need group_norm<G>.
 
     Args (in addition to NeMo's, all optional; ``None`` means NeMo's uniform width; capability subpackages add
     more keys through ``register_encoder_option``, e.g. ``low_rank`` from ``nemo_layerfx.lowrank``):
@@ -180,12 +186,17 @@ class GroupNormConformerEncoder(ConformerEncoder):
         inference_depth: int | None = None,
         **kwargs: Any,
     ):
-        num_groups = parse_num_groups(conv_norm_type)
+        # a pretrained model's own norm (batch_norm, layer_norm, ...) keeps NeMo's conv module: adopted, not converted
+        own_norm = str(conv_norm_type) in KEPT_NORMS
+        num_groups = None if own_norm else parse_num_groups(conv_norm_type)
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in ENCODER_OPTIONS}
         # NeMo's own GroupNorm is built first and replaced below; it needs G | d_model, so give it 1 group.
-        super().__init__(*args, conv_norm_type="group_norm1", **kwargs)
+        super().__init__(*args, conv_norm_type=conv_norm_type if own_norm else "group_norm1", **kwargs)
         self.conv_norm_type = conv_norm_type
         self.num_groups = num_groups
+        if own_norm and (conv_channels is not None or conv_groups is not None):
+            raise ValueError(f"conv_channels / conv_groups need a group_norm<G> conv norm, not {conv_norm_type!r} "
+                             "(conv units are GroupNorm groups)")
         n = len(self.layers)
         ff_hidden = _per_layer("ff_hidden", ff_hidden, n)
         if not macaron_ffn:  # Kubo's NoMacaron baseline: no first FFN (0 hidden units), the second unchanged
@@ -208,14 +219,15 @@ class GroupNormConformerEncoder(ConformerEncoder):
             if self.self_attention_model == "rel_pos" and not kwargs.get("untie_biases", True):
                 raise ValueError("layer_n_heads needs untie_biases=True (tied pos_bias_u/v have one head count)")
         for i, layer in enumerate(self.layers):
-            layer.conv = MaskedConformerConvolution(
-                d_model=self.d_model,
-                kernel_size=kernel,
-                num_groups=num_groups if conv_groups is None else int(conv_groups[i]),
-                channels=None if conv_channels is None else int(conv_channels[i]),
-                conv_context_size=self.conv_context_size,
-                use_bias=use_bias,
-            )
+            if not own_norm:
+                layer.conv = MaskedConformerConvolution(
+                    d_model=self.d_model,
+                    kernel_size=kernel,
+                    num_groups=num_groups if conv_groups is None else int(conv_groups[i]),
+                    channels=None if conv_channels is None else int(conv_channels[i]),
+                    conv_context_size=self.conv_context_size,
+                    use_bias=use_bias,
+                )
             if ff_hidden is not None:
                 ff1, ff2 = _ff_pair(ff_hidden[i])
                 layer.feed_forward1 = ConformerFeedForward(self.d_model, ff1, dropout, use_bias=use_bias)

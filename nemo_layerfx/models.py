@@ -33,6 +33,34 @@ def eval_depth(encoder: nn.Module) -> int:
     return getattr(encoder, "inference_depth", None) or len(encoder.layers)
 
 
+def adopt_(model: nn.Module) -> bool:
+    """In place: a model with NeMo's stock ``ConformerEncoder`` gets ``GroupNormConformerEncoder`` built from the same
+    config, with its own conv norm (batch_norm, layer_norm, ...) and every tensor (a strict load), so the options that
+    live in our encoder's config (inference depth, low rank, gates) apply to a pretrained model as it is. Returns
+    whether anything changed (False for our encoder). NeMo's padding-leaky ``group_norm<G>`` is refused: ours
+    computes it without the padding, which is ``layerfx convert-norm``'s job."""
+    from omegaconf import OmegaConf, open_dict
+
+    from nemo_layerfx.encoder import ENCODER_TARGET, KEPT_NORMS, GroupNormConformerEncoder
+
+    enc = conformer_encoder(model)
+    if isinstance(enc, GroupNormConformerEncoder):
+        return False
+    cfg = OmegaConf.to_container(model.cfg.encoder, resolve=True)
+    norm = str(cfg.get("conv_norm_type", "batch_norm"))
+    if norm not in KEPT_NORMS:
+        raise ValueError(f"the encoder's conv norm is NeMo's {norm}, which counts padded frames; our encoder "
+                         f"computes it over valid frames only: `layerfx convert-norm` the model (the same tensors)")
+    cfg.update({"_target_": ENCODER_TARGET, "conv_norm_type": norm})
+    ours = GroupNormConformerEncoder.from_config_dict(cfg)
+    ours.load_state_dict(enc.state_dict(), strict=True)
+    ours.to(next(enc.parameters()).device).train(enc.training)
+    model.encoder = ours
+    with open_dict(model._cfg):
+        model._cfg.encoder._target_ = ENCODER_TARGET
+    return True
+
+
 def encoder_prefix(model: nn.Module) -> str:
     """The state_dict prefix of the model's Conformer encoder (``encoder`` for NeMo's ASR models)."""
     enc = conformer_encoder(model)

@@ -242,13 +242,28 @@ def test_state_dict_moves_both_ways_with_nemo_group_norm():
 @pytest.mark.unit
 @pytest.mark.parametrize("norm, match", [
     ("group_norm5", "5 groups do not divide the 64 conv channels"),
-    ("batch_norm", "needs conv_norm_type='group_norm<G>'"),
+    ("group_norm", "needs conv_norm_type='group_norm<G>'"),
     ("groupnorm8", "needs conv_norm_type='group_norm<G>'"),
     ("group_norm0", "needs conv_norm_type='group_norm<G>'"),
 ])
 def test_bad_group_spec_is_a_clear_error(norm, match):
     with pytest.raises(ValueError, match=match):
         build(GroupNormConformerEncoder, conv_norm_type=norm)
+
+
+@pytest.mark.unit
+def test_a_pretrained_models_own_norm_is_kept_as_nemo_builds_it():
+    from nemo.collections.asr.parts.submodules.conformer_modules import ConformerConvolution
+
+    from nemo.collections.asr.modules import ConformerEncoder
+
+    ours = build(GroupNormConformerEncoder, conv_norm_type="batch_norm")
+    stock = build(ConformerEncoder, conv_norm_type="batch_norm")
+    assert all(type(layer.conv) is ConformerConvolution for layer in ours.layers)
+    assert isinstance(ours.layers[0].conv.batch_norm, torch.nn.BatchNorm1d)
+    assert ours.load_state_dict(stock.state_dict(), strict=True)  # the same tensors, running statistics included
+    with pytest.raises(ValueError, match="conv_channels / conv_groups need a group_norm<G> conv norm"):
+        build(GroupNormConformerEncoder, conv_norm_type="batch_norm", conv_channels=[16, 64])
 
 
 @pytest.mark.unit

@@ -94,13 +94,11 @@ PRODUCERS = {
 SHARED = r"shares parameters between layers \(share_layers=1\)"
 LOW_RANK_FD = r"low-rank|factorized"
 NO_GATES = r"has no adaptive_dropout gates"
-STOCK_DEPTH = r"ConformerEncoder has no inference depth"
-NOT_OURS = r"only nemo_layerfx\.encoder\.GroupNormConformerEncoder can do"
 NO_GROUPS = r"a BatchNorm or LayerNorm conv norm has no groups to drop"
 # (producer, consumer) -> OK, or a regex of the one-line refusal. Documented in docs/composition.md.
 EXPECTED: dict[str, dict[str, str]] = {
     "dense": {},
-    "stock": {"extract": NO_GROUPS, "lowrank": NOT_OURS, "set-depth": STOCK_DEPTH, "fl": NO_GROUPS},
+    "stock": {"extract": NO_GROUPS, "fl": NO_GROUPS},  # lowrank and set-depth adopt it (its own BatchNorm kept)
     "shared": {"probe-block": SHARED, "probe-module": SHARED, "extract": SHARED, "callback": SHARED, "fl": SHARED},
     "sampled-depth": {},
     "set-depth": {},

@@ -15,7 +15,7 @@ from omegaconf import open_dict
 from torch import nn
 
 from nemo_layerfx.models import (
-    check_output, clone_model, conformer_encoder, count_params, load_config, restore, save_nemo,
+    adopt_, check_output, clone_model, conformer_encoder, count_params, load_config, restore, save_nemo,
 )
 
 
@@ -38,11 +38,12 @@ def unshare(model: nn.Module) -> nn.Module:
 
 def set_inference_depth(model: nn.Module, depth: int | None) -> nn.Module:
     """In place: eval-mode forwards (``transcribe``, validation, the probe) run the first ``depth`` layers, and the
-    model's config says so, so ``save_to`` exports it. None restores the full depth. Returns ``model``."""
+    model's config says so, so ``save_to`` exports it. None restores the full depth. Returns ``model``. A model with
+    NeMo's stock encoder is adopted first (``adopt_``: our encoder class, its own norm and tensors)."""
+    if depth is None and not hasattr(conformer_encoder(model), "set_inference_depth"):
+        return model  # a stock model runs every layer already
+    adopt_(model)  # NeMo's stock encoder: ours with its own norm and tensors, whose config carries the depth
     enc = conformer_encoder(model)
-    if not hasattr(enc, "set_inference_depth"):
-        raise ValueError(f"{type(enc).__name__} has no inference depth; it needs nemo_layerfx's "
-                         f"GroupNormConformerEncoder (convert a stock model with `layerfx convert-norm`)")
     enc.set_inference_depth(depth)
     with open_dict(model._cfg):
         if depth is None:

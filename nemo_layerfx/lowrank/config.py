@@ -36,6 +36,9 @@ class LowRankConfig:
     init: ``svd`` (spectral init from the module's own dense initializer, the paper) or ``kaiming`` (factors drawn
         directly, the paper's ablation). Ignored when factorizing a trained model (truncated SVD of its weights).
     multiple_of: round every rank up to a multiple of this (8 suits tensor cores); 1 keeps the paper's rounding.
+    only_if_smaller: leave a linear dense when its factors would not hold fewer parameters (r (m + n) >= m n; e.g.
+        α = 0.5 of a square one). ``lowrank`` (a trained model) sets it: a factorization that saves nothing is
+        skipped, with a note; training from scratch keeps the paper's rule (every targeted linear factorized).
     """
 
     att: Any = None
@@ -44,6 +47,7 @@ class LowRankConfig:
     targets: list[str] | None = None
     init: str = "svd"
     multiple_of: int = 1
+    only_if_smaller: bool = False
 
     def __post_init__(self) -> None:
         if all(getattr(self, g) is None for g in LINEARS):
@@ -84,7 +88,7 @@ class LowRankConfig:
         return cls(**value)
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None and not (k == "only_if_smaller" and not v)}
 
     def kinds(self) -> list[str]:
         """The target kinds this config factorizes."""

@@ -8,14 +8,15 @@ Three entry points, PEFT-style (a config, a pass that rewrites named target modu
 
 Composes with: the importance probe (re-init from the snapshot; re-rand draws a fresh spectral init) and
 parameter-shared layers (each shared set is factorized once). Refused, with a clear error: federated-dropout
-``extract`` and pruning (they slice dense weights: merge first) and NeMo's stock ``ConformerEncoder`` (its config
-cannot carry ``low_rank``: convert with ``layerfx convert-norm`` first).
+``extract`` and pruning (they slice dense weights: merge first). A model with NeMo's stock ``ConformerEncoder`` is
+adopted first (``nemo_layerfx.models.adopt_``: our encoder class, its own conv norm and every tensor kept), so its
+config can carry ``low_rank``.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from omegaconf import open_dict
@@ -25,7 +26,7 @@ from nemo_layerfx.encoder import ENCODER_TARGET, layer_sets
 from nemo_layerfx.lowrank.config import TARGET_KINDS, LowRankConfig
 from nemo_layerfx.lowrank.linear import LowRankLinear
 from nemo_layerfx.models import (
-    check_output, clone_model, conformer_encoder, count_params, restore, save_nemo,
+    adopt_, check_output, clone_model, conformer_encoder, count_params, restore, save_nemo,
 )
 from nemo_layerfx.units import LINEARS, find_module
 
@@ -35,7 +36,8 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
-def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = None) -> dict[str, int]:
+def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = None,
+               notes: list[str] | None = None) -> dict[str, int]:
     """In place: replace the targeted linears of every distinct layer with ``LowRankLinear`` (truncated SVD of the
     current weight, or Kaiming factors with ``init="kaiming"``); returns ``{"layers.b.<path>": rank}``.
 
@@ -45,6 +47,7 @@ def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = Non
     kinds = set(config.kinds())
     sets = layer_sets(encoder)
     ranks: dict[str, int] = {}
+    skipped: list[str] = []
     for b, layer in enumerate(sets):
         for group, paths in LINEARS.items():
             for path in paths:
@@ -62,10 +65,17 @@ def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = Non
                                      f"`layerfx prune`, or nemo_layerfx.pruning.remove_gates)")
                 m, n = module.weight.shape[0], module.weight[0].numel()
                 r = config.rank(group, b, len(sets), m, n)
+                if config.only_if_smaller and r * (m + n) >= m * n:
+                    skipped.append(f"layers.{b}.{path} ({m}x{n}: rank {r} would hold {r * (m + n):,} parameters, "
+                                   f"the dense weight {m * n:,})")
+                    continue
                 _replace(layer, path, LowRankLinear.from_dense(module, r, init=init))
                 ranks[f"layers.{b}.{path}"] = r
-    if not ranks:
+    if not ranks and not skipped:
         raise ValueError(f"low_rank matched no linear in the encoder (targets {sorted(kinds)})")
+    if skipped and notes is not None:
+        notes.append(f"left dense, a factorization would save nothing: {skipped[0]}"
+                     + (f", and {len(skipped) - 1} more" if len(skipped) > 1 else ""))
     return ranks
 
 
@@ -87,6 +97,7 @@ class RankReport:
     before: dict[str, int]
     after: dict[str, int]
     ranks: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = []
@@ -99,7 +110,7 @@ class RankReport:
                 block, _, rest = path.partition(".")[2].partition(".")
                 by_block.setdefault(block, []).append(f"{rest.rsplit('.', 1)[1]}={r}")
             out.append("ranks per block: " + "; ".join(f"{b}: {' '.join(v)}" for b, v in by_block.items()))
-        return out
+        return out + [f"note: {n}" for n in self.notes]
 
 
 def _counts(model: nn.Module) -> dict[str, int]:
@@ -116,20 +127,20 @@ def lowrank(model: nn.Module, config: LowRankConfig | dict) -> tuple[nn.Module, 
         small, report = lowrank(model, LowRankConfig(att=[0.1, 0.2], ffn=[0.2, 0.5]))
         print("\\n".join(report.lines()))
     """
-    config = LowRankConfig.from_any(config)
+    config = replace(LowRankConfig.from_any(config), only_if_smaller=True)
     enc = conformer_encoder(model)
-    target = model.cfg.encoder.get("_target_")
-    if target != ENCODER_TARGET:
-        raise ValueError(f"the encoder is {target}; a low-rank model must be rebuildable from its config, which only "
-                         f"{ENCODER_TARGET} can do: convert it with `layerfx convert-norm` first")
     if any(isinstance(m, LowRankLinear) for m in enc.modules()):
         raise ValueError("the model already has factorized (low-rank) linears; `layerfx merge` it first")
     before = _counts(model)
     new = clone_model(model)
-    ranks = factorize_(conformer_encoder(new), config, init="svd")
+    notes: list[str] = []
+    if adopt_(new):  # NeMo's stock encoder: ours, same norm and tensors, so that the config can carry low_rank
+        notes.append(f"the encoder is now {ENCODER_TARGET} with the model's own conv norm "
+                     f"({new.cfg.encoder.get('conv_norm_type')}); every tensor kept")
+    ranks = factorize_(conformer_encoder(new), config, init="svd", notes=notes)
     with open_dict(new._cfg):
         new._cfg.encoder.low_rank = {**config.to_dict(), "init": "svd"}
-    return new, RankReport(before, _counts(new), ranks)
+    return new, RankReport(before, _counts(new), ranks, notes)
 
 
 def merge(model: nn.Module) -> tuple[nn.Module, RankReport]:
