@@ -15,22 +15,28 @@ from torch import nn
 
 from nemo_layerfx.models import clone_model, conformer_encoder, encoder_prefix
 from nemo_layerfx.units import (
-    KINDS, PRUNE_KINDS, UNIT_MAP, check_sliceable, layer_tensor_index, n_units, per_head, unit_width,
+    KINDS, PRUNE_KINDS, UNIT_MAP, check_sliceable, grouped_conv, layer_tensor_index, n_units, per_head,
+    unit_width,
 )
 
 Units = dict[int, dict[str, torch.Tensor]]  # layer -> unit kind -> kept unit indices (sorted)
 
 
-def sliceable_encoder(model: nn.Module) -> nn.Module:
-    """The model's Conformer encoder, checked to be sliceable by the unit map (clear error otherwise)."""
+def sliceable_encoder(model: nn.Module, units: Units | None = None) -> nn.Module:
+    """The model's Conformer encoder, checked to be sliceable by the unit map (clear error otherwise). With
+    ``units`` that keep every conv channel, any conv norm will do (a pretrained BatchNorm model pruned elsewhere)."""
     enc = conformer_encoder(model)
-    check_sliceable(enc)
+    check_sliceable(enc, conv_units=units is None or drops_conv(enc, units))
     return enc
+
+
+def drops_conv(enc: nn.Module, units: Units) -> bool:
+    return any(len(units[i]["conv"]) < n_units(layer, "conv") for i, layer in enumerate(enc.layers))
 
 
 def tensor_index(model: nn.Module, units: Units) -> dict[str, tuple[int, torch.Tensor]]:
     """state_dict key -> (dim, kept indices) for every sliced tensor of ``model`` (the full-size model)."""
-    enc = sliceable_encoder(model)
+    enc = sliceable_encoder(model, units)
     prefix = encoder_prefix(model)
     out = {}
     for i, layer in enumerate(enc.layers):
@@ -65,7 +71,7 @@ def slice_state(state: dict[str, torch.Tensor], index: dict[str, tuple[int, torc
 def submodel_widths(model: nn.Module, units: Units) -> dict[str, list]:
     """Encoder config entries of the submodel: ``ff_hidden``, ``conv_channels``, ``conv_groups`` and either
     ``layer_n_heads`` (whole heads kept) or ``layer_qk_dims`` / ``layer_v_dims`` (per-head widths)."""
-    enc = sliceable_encoder(model)
+    enc = sliceable_encoder(model, units)
     per_head_dims = "qk" in units[0]
     widths: dict[str, list] = {"ff_hidden": [], "conv_channels": [], "conv_groups": []}
     widths.update({"layer_qk_dims": [], "layer_v_dims": []} if per_head_dims else {"layer_n_heads": []})
@@ -79,6 +85,8 @@ def submodel_widths(model: nn.Module, units: Units) -> dict[str, list]:
             widths["layer_n_heads"].append(len(u["head"]))
         widths["conv_groups"].append(len(u["conv"]))
         widths["conv_channels"].append(len(u["conv"]) * unit_width(layer, "conv"))
+    if not all(grouped_conv(layer) for layer in enc.layers):  # a model's own BatchNorm: every channel kept
+        del widths["conv_groups"], widths["conv_channels"]
     return widths
 
 
@@ -90,7 +98,7 @@ def build_submodel(model: nn.Module, units: Units) -> nn.Module:
     """
     from omegaconf import open_dict
 
-    enc = sliceable_encoder(model)
+    enc = sliceable_encoder(model, units)
     widths = submodel_widths(model, units)
     sub_enc_cfg = copy.deepcopy(model.cfg.encoder)
     with open_dict(sub_enc_cfg):
@@ -117,7 +125,9 @@ def units_from_lists(d: dict) -> Units:
 def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int], kinds: tuple[str, ...] = KINDS) -> int:
     """Parameters of the model that keeps ``keep(layer, kind, n)`` units of each kind: arithmetic on the unit map
     (the flat rule counts one entry per unit)."""
-    enc = sliceable_encoder(model)
+    enc = conformer_encoder(model)
+    check_sliceable(enc, conv_units=any(keep(i, "conv", n_units(layer, "conv")) < n_units(layer, "conv")
+                                        for i, layer in enumerate(enc.layers)) if "conv" in kinds else False)
     total = sum(p.numel() for p in model.parameters())
     params = dict(enc.named_parameters())
     for i, layer in enumerate(enc.layers):

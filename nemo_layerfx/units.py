@@ -90,9 +90,14 @@ def n_units(layer: nn.Module, kind: str) -> int:
         return layer.self_attn.linear_q.out_features
     if kind == "v":
         return layer.self_attn.linear_v.out_features
-    if kind == "conv":
-        return layer.conv.batch_norm.num_groups
+    if kind == "conv":  # a pretrained model's own BatchNorm / LayerNorm has no groups: one unit, never dropped
+        return layer.conv.batch_norm.num_groups if grouped_conv(layer) else 1
     raise ValueError(f"unknown unit kind {kind!r}; choose from {', '.join(UNIT_MAP)}")
+
+
+def grouped_conv(layer: nn.Module) -> bool:
+    """Whether the layer's conv module has our group-wise norm (conv units are its groups)."""
+    return hasattr(getattr(layer.conv, "batch_norm", None), "num_groups")
 
 
 def head_dims(layer: nn.Module, kind: str) -> list[int]:
@@ -119,12 +124,15 @@ def unit_width(layer: nn.Module, kind: str) -> int:
                              "sliced; drop ffn or conv units only")
         return layer.self_attn.d_k
     if kind == "conv":
+        if not grouped_conv(layer):
+            return layer.conv.depthwise_conv.out_channels
         return layer.conv.batch_norm.num_channels // layer.conv.batch_norm.num_groups
     return 1
 
 
-def check_sliceable(encoder: nn.Module) -> None:
-    """Fail unless every layer is a Conformer layer whose conv norm is our group-wise GroupNorm."""
+def check_sliceable(encoder: nn.Module, conv_units: bool = True) -> None:
+    """Fail unless every layer is a dense, unshared Conformer layer whose conv norm is our group-wise GroupNorm
+    (``conv_units=False``: any conv norm, for a surgery that keeps every conv channel)."""
     from nemo_layerfx.encoder import MaskedConformerConvolution
 
     if getattr(encoder, "share_layers", None) is not None:
@@ -132,7 +140,7 @@ def check_sliceable(encoder: nn.Module) -> None:
                          f"are slices of one layer's tensors, so a shared model cannot be sliced: unshare it first "
                          f"(`layerfx unshare` / nemo_layerfx.depth.unshare)")
     for i, layer in enumerate(getattr(encoder, "layers", [])):
-        if not isinstance(getattr(layer, "conv", None), MaskedConformerConvolution):
+        if conv_units and not isinstance(getattr(layer, "conv", None), MaskedConformerConvolution):
             raise ValueError(
                 f"encoder layer {i} has a {type(getattr(layer, 'conv', None)).__name__} conv module; only "
                 f"GroupNormConformerEncoder layers can be sliced (a BatchNorm or LayerNorm conv norm has no "

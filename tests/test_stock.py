@@ -1,6 +1,6 @@
 """NVIDIA-style pretrained Conformers in place: a BatchNorm model trained by NeMo's own script is probed,
-factorized and merged, and given an inference depth with its own normalization kept; identities where nothing is
-removed; what is not supported yet is refused by name."""
+factorized and merged, given an inference depth, gated and pruned, with its own normalization kept; identities
+where nothing is removed; conv-group gates (which need GroupNorm groups) are refused by name."""
 
 from __future__ import annotations
 
@@ -86,9 +86,29 @@ def test_a_stock_batchnorm_model_is_adopted_factorized_and_cut_in_place(stock_ne
                     str(tmp_path / "p"), "--bootstrap", "0"]) == 0
     assert "baseline WER" in capsys.readouterr().out
 
-    # gates on a BatchNorm model are not supported yet: refused by name, nothing written
-    from nemo_layerfx.pruning import add_gates
+    # gates -> prune with the BatchNorm kept: FFN, query/key and value units (conv groups need a GroupNorm)
+    from nemo_layerfx.pruning import add_gates, gates_of, prune
 
-    with pytest.raises(ValueError, match="adaptive-dropout gates need"):
-        add_gates(stock, {"locations": ["ffn"], "steps": 10})
+    with pytest.raises(ValueError, match="a BatchNorm or LayerNorm conv norm has no groups to drop"):
+        add_gates(stock, {"locations": ["ffn", "conv"], "steps": 10})
+    gated = add_gates(stock, {"locations": ["ffn", "qk", "v"], "steps": 10}).eval()
+    assert gated.cfg.encoder.conv_norm_type == "batch_norm"
+    torch.testing.assert_close(outputs(gated), reference, rtol=0, atol=1e-5)  # gates start open
+    same, report = prune(gated)  # nothing closed: the identity, and it says the schedule had not run
+    assert report.params_after == sum(p.numel() for p in stock.parameters()) and report.notes
+    torch.testing.assert_close(outputs(same), reference, rtol=0, atol=1e-5)
+    gated.encoder.adaptive_dropout_schedule.step.fill_(10)  # c(t) = c_inf; close about half of every gate
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for layer in gates_of(gated):
+            for g in layer.values():
+                g.beta_prime.normal_(0.0, 0.3)
+                g.beta_prime[0] = 0.5
+    small, report = prune(gated)
+    assert report.params_after < report.params_before and small.cfg.encoder.conv_norm_type == "batch_norm"
+    assert "conv_channels" not in small.cfg.encoder and isinstance(small.encoder.layers[0].conv.batch_norm,
+                                                                   torch.nn.BatchNorm1d)
+    torch.testing.assert_close(outputs(small.eval()), outputs(gated), rtol=1e-5, atol=1e-5)  # the prune is exact
+    small.save_to(str(tmp_path / "pruned.nemo"))
+    torch.testing.assert_close(outputs(restore(tmp_path / "pruned.nemo").eval()), outputs(small), rtol=0, atol=0)
 

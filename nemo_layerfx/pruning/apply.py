@@ -11,7 +11,7 @@ from omegaconf import open_dict
 from torch import nn
 
 from nemo_layerfx.encoder import layer_sets
-from nemo_layerfx.models import clone_model, conformer_encoder
+from nemo_layerfx.models import adopt_, clone_model, conformer_encoder
 from nemo_layerfx.pruning.config import AdaptiveDropoutConfig
 from nemo_layerfx.pruning.gates import GatedInput, GatedOutput, GateSchedule, RetentionGate
 from nemo_layerfx.surgery import Units
@@ -32,7 +32,8 @@ def add_gates_(encoder: nn.Module, config: AdaptiveDropoutConfig) -> None:
     if any(type(m).__name__ == "LowRankLinear" for m in encoder.modules()):
         raise ValueError("adaptive_dropout cannot be combined with low_rank: pruning removes rows and columns of "
                          "dense weights (merge the low-rank model first: `layerfx merge`)")
-    check_sliceable(encoder)  # a GroupNorm conv module, unshared and dense layers: what prune can slice
+    # unshared, dense layers (and a GroupNorm conv module where conv groups are gated): what prune can slice
+    check_sliceable(encoder, conv_units="conv" in config.locations)
     if getattr(encoder, "adaptive_dropout_schedule", None) is not None:
         raise ValueError("the encoder already has adaptive_dropout gates")
     schedule = GateSchedule(config)
@@ -127,14 +128,9 @@ def remove_gates(model: nn.Module) -> nn.Module:
 def add_gates(model: nn.Module, config: AdaptiveDropoutConfig | dict) -> nn.Module:
     """A new model with gates on its encoder (to fine-tune a trained dense model with adaptive dropout); its
     config records them, so ``save_to`` / ``restore_from`` rebuild the gated model. ``model`` is unchanged."""
-    from nemo_layerfx.encoder import ENCODER_TARGET
-
     config = AdaptiveDropoutConfig.from_any(config)
-    target = model.cfg.encoder.get("_target_")
-    if target != ENCODER_TARGET:
-        raise ValueError(f"the encoder is {target}; adaptive-dropout gates need {ENCODER_TARGET} (a BatchNorm or "
-                         f"stock encoder: convert it with `layerfx convert-norm` first)")
     new = clone_model(model)
+    adopt_(new)  # NeMo's stock encoder: ours with its own norm and tensors, whose config carries the gates
     add_gates_(conformer_encoder(new), config)
     with open_dict(new._cfg):
         new._cfg.encoder.adaptive_dropout = config.to_dict()
