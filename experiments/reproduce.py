@@ -1,13 +1,19 @@
-"""One command per paper: run (or reuse) every study behind its claims and write
-``experiments/results/<paper>/REPORT.md``, a row per claim: what the paper says, what we measured, and whether that
-reproduces, refutes or is inconclusive about it.
+"""One command per paper: run (or reuse) every study behind its claims and write a report, a row per claim: what
+the paper says, what we measured, and whether that reproduces, refutes or is inconclusive about it.
 
-    python experiments/reproduce.py zhou|tian|kubo|fernandez-lopez [--budget small|full] [--device cpu|cuda] [--corpus data/commands]
+    python experiments/reproduce.py zhou|tian|kubo|fernandez-lopez [--budget smoke|small|full] [--corpus DIR]
+    python experiments/reproduce.py tian --train train.json --dev dev.json --test test.json --tokenizer tok/ --size M
 
-Budgets: ``smoke`` (the tests: minutes, numbers mean nothing), ``small`` (one seed: 30–75 minutes on a 2-core CPU,
-each paper's module says), ``full`` (what the README quotes: all seeds). Every run is kept on disk and reused, so a
-stopped reproduction resumes where it stopped. A paper is a module ``repro/<name>.py`` with
-``run(args) -> Path`` (the report it wrote).
+Budgets: ``smoke`` (the tests: minutes, the numbers mean nothing), ``small`` (one seed: 30-75 minutes on a 2-core
+CPU with the tiny preset, each paper's module says), ``full`` (every seed: what the reports in
+experiments/results quote, several hours on a 2-core CPU). Every run is kept on disk and reused, so a stopped
+reproduction resumes where it stopped.
+
+Data: the offline corpus (``--corpus``, made if missing), or your own NeMo manifests and tokenizer (``--train``,
+``--dev``, ``--test``, ``--tokenizer``; Zhou's Table 3 also needs a ``speaker`` field, its clients). Model size:
+the tiny preset's width (d_model 144) or NeMo's Conformer S / M / L (d_model 176 / 256 / 512, kernel 31); the depth
+is each paper's. Results go to experiments/results for the defaults, else to a folder of their own under runs/
+(``--out`` to choose), so runs on other data or sizes never mix with the committed ones.
 """
 
 from __future__ import annotations
@@ -19,17 +25,63 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PAPERS = {"zhou": "repro.zhou", "tian": "repro.tian", "kubo": "repro.kubo", "fernandez-lopez": "repro.fernandez_lopez"}
+SIZES = {  # NeMo's Conformer-CTC sizes (conformer_ctc_bpe.yaml): width, heads, front-end channels, conv kernel
+    "tiny": [],
+    "S": ["model.encoder.d_model=176", "model.encoder.n_heads=4", "model.encoder.subsampling_conv_channels=176",
+          "model.encoder.conv_kernel_size=31"],
+    "M": ["model.encoder.d_model=256", "model.encoder.n_heads=4", "model.encoder.subsampling_conv_channels=256",
+          "model.encoder.conv_kernel_size=31"],
+    "L": ["model.encoder.d_model=512", "model.encoder.n_heads=8", "model.encoder.subsampling_conv_channels=512",
+          "model.encoder.conv_kernel_size=31"],
+}
+DATA = ("train", "dev", "test", "tokenizer")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paper", choices=sorted(PAPERS))
+    p.add_argument("--budget", default="small", choices=["smoke", "small", "full"], help="see above")
+    p.add_argument("--corpus", default="data/commands", help="a corpus made by layerfx make-corpus (made if missing)")
+    for split in DATA:
+        p.add_argument(f"--{split}", default=None,
+                       help=f"your own {'tokenizer folder' if split == 'tokenizer' else split + ' NeMo manifest'} "
+                            "(give all four instead of --corpus)")
+    p.add_argument("--size", default="tiny", choices=list(SIZES), help="model width: the tiny preset or NeMo's S/M/L")
+    p.add_argument("--accelerator", "--device", dest="device", default="cpu", choices=["cpu", "cuda", "gpu"],
+                   help="where the models train (one device)")
+    p.add_argument("--out", default=None, help="results root (default: experiments/results for the offline corpus "
+                                               "and the tiny size, else runs/reproduce/<size>_<data>)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("paper", choices=sorted(PAPERS))
-    p.add_argument("--budget", default="small", choices=["smoke", "small", "full"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--corpus", default="data/commands", help="a corpus made by layerfx make-corpus (made if missing)")
-    p.add_argument("--out", default=str(HERE / "results"), help="results root; the report goes to <out>/<paper>/")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
+    given = [s for s in DATA if getattr(args, s)]
+    if given and len(given) < len(DATA):
+        raise SystemExit(f"reproduce.py: error: your own data needs all of --train, --dev, --test, --tokenizer "
+                         f"(missing: {', '.join('--' + s for s in DATA if s not in given)})")
     sys.path.insert(0, str(HERE))
+    import study
+
+    custom = bool(given) or args.size != "tiny"
+    root = Path(args.out) if args.out else (HERE / "results" if not custom else None)
+    if given:
+        args.corpus = str(study.corpus_view(args.train, args.dev, args.test, args.tokenizer,
+                                            root or Path("runs/reproduce")))
+    if root is None:
+        root = Path("runs/reproduce") / f"{args.size}_{Path(args.corpus).name}"
+    args.out = str(root)
+    if custom:
+        study.SETTING = (f"model size {args.size}" + (f" ({', '.join(o.split('.')[-1] for o in SIZES[args.size])})"
+                                                       if SIZES[args.size] else "")
+                         + (f"; data: {args.train}, {args.dev}, {args.test}, tokenizer {args.tokenizer}" if given
+                            else f"; data: {args.corpus}"))
+    if args.size != "tiny" and args.paper == "kubo":
+        raise SystemExit("reproduce.py: error: --size: Kubo's baselines (Shallow, Narrow, NarrowFFN, NoMacaron) are "
+                         "presets of the tiny width; only --size tiny is supported for kubo")
+    # every study the paper's module trains takes these after its budget's own overrides (smoke keeps its own
+    # shrunken model: the tests' budget)
+    args.model_overrides = SIZES[args.size] if args.budget != "smoke" else []
     report = importlib.import_module(PAPERS[args.paper]).run(args)
     print(f"report: {report}")
     return report

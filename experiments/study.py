@@ -71,9 +71,44 @@ def write_report(out: Path, budget: str, lines: list[str], data: dict) -> Path:
     """``REPORT.md`` for the full budget (``REPORT_<budget>.md`` otherwise) and its JSON (``data`` + the budget)."""
     name = "REPORT.md" if budget == "full" else f"REPORT_{budget}.md"
     out.mkdir(parents=True, exist_ok=True)
+    if SETTING:
+        lines = lines[:1] + ["", f"**Setting:** {SETTING} (the text below names the defaults where it differs)."] + lines[1:]
+        data = {**data, "setting": SETTING}
     (out / name).write_text("\n".join(lines) + "\n")
     (out / name.replace(".md", ".json")).write_text(json.dumps({"budget": budget, **data}, indent=1) + "\n")
     return out / name
+
+
+SETTING: str | None = None  # what reproduce.py was given beyond the defaults (data, model size); in every report
+
+
+def corpus_view(train: str, dev: str, test: str, tokenizer: str, root: Path) -> Path:
+    """A corpus folder made of the user's NeMo manifests and tokenizer, as the studies read a ``make-corpus`` one:
+    ``{train,dev,test}_manifest.json`` (rows in their order, audio paths made absolute: a relative one is resolved
+    against its manifest's folder, as NeMo does, and every file is checked), ``tokenizer/`` (a link) and a
+    ``corpus_info.json`` naming the sources. Its folder name hashes the sources, so other data never reuses runs."""
+    import hashlib
+
+    from nemo_layerfx.evaluate import read_manifest
+
+    sources = {"train": str(Path(train).resolve()), "dev": str(Path(dev).resolve()),
+               "test": str(Path(test).resolve()), "tokenizer": str(Path(tokenizer).resolve())}
+    if not (Path(tokenizer) / "tokenizer.model").is_file() and not (Path(tokenizer) / "vocab.txt").is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no tokenizer.model (SentencePiece) or vocab.txt in it")
+    out = Path(root) / ("data_" + hashlib.sha1(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:10])
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "dev", "test"):
+        read_manifest(sources[split])  # every line and audio file checked, named if bad
+        rows = [json.loads(line) for line in Path(sources[split]).read_text().splitlines() if line.strip()]
+        base = Path(sources[split]).parent
+        for r in rows:
+            r["audio_filepath"] = str((base / r["audio_filepath"]).resolve())
+        (out / f"{split}_manifest.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    link = out / "tokenizer"
+    if not link.exists():
+        link.symlink_to(sources["tokenizer"], target_is_directory=True)
+    (out / "corpus_info.json").write_text(json.dumps({"sources": sources}, indent=2) + "\n")
+    return out
 
 
 def ensure_corpus(corpus: str) -> None:

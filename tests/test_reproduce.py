@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,9 +56,16 @@ def test_zhou_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
     assert json.loads((tmp_path / "zhou" / "REPORT_smoke.json").read_text())["claims"] == claims
 
 
+@pytest.fixture(scope="module")
+def tian_smoke(corpus, tmp_path_factory):
+    """The Tian reproduction at the smoke budget on the corpus folder: (results root, the first run's output)."""
+    out = tmp_path_factory.mktemp("tian")
+    return out, reproduce(corpus, out, "tian")
+
+
 @pytest.mark.integration
-def test_tian_reproduction_writes_every_claim_and_resumes(corpus, tmp_path):
-    first = reproduce(corpus, tmp_path, "tian")
+def test_tian_reproduction_writes_every_claim_and_resumes(corpus, tian_smoke):
+    tmp_path, first = tian_smoke
     assert first.returncode == 0, first.stderr[-4000:]
     report = tmp_path / "tian" / "REPORT_smoke.md"
     assert f"report: {report}" in first.stdout
@@ -189,3 +198,48 @@ def test_kubo_speed_claims_judge_eager_and_exported_inference_apart(monkeypatch)
     assert speed_claims(None) == []  # no benchmark results: no speed rows
     del bench["settings"]["1s"]["exported_speedup"], bench["settings"]["9s"]["exported_speedup"]
     assert not any("TorchScript" in r["claim"] for r in speed_claims(bench))  # older results: no such row
+
+
+@pytest.mark.integration
+def test_your_own_manifests_give_the_report_the_corpus_folder_gives(corpus, tian_smoke, tmp_path):
+    """The offline corpus handed over as plain NeMo manifests (relative audio paths, elsewhere on disk) and a
+    tokenizer: the same runs, the same report; the report names the setting."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for split in ("train", "dev", "test"):  # manifests in another folder, audio paths relative to it
+        rows = [json.loads(line) for line in (corpus / f"{split}_manifest.json").read_text().splitlines()]
+        for r in rows:
+            r["audio_filepath"] = os.path.relpath(corpus / r["audio_filepath"], mine)
+        (mine / f"{split}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder, first = tian_smoke
+    assert first.returncode == 0, first.stderr[-4000:]
+    own = subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), "tian", "--budget", "smoke",
+                          "--train", str(mine / "train.json"), "--dev", str(mine / "dev.json"), "--test",
+                          str(mine / "test.json"), "--tokenizer", str(corpus / "tokenizer"),
+                          "--out", str(tmp_path / "own")], capture_output=True, text=True, timeout=900)
+    assert own.returncode == 0, own.stderr[-4000:]
+    a = json.loads((folder / "tian" / "REPORT_smoke.json").read_text())
+    b = json.loads((tmp_path / "own" / "tian" / "REPORT_smoke.json").read_text())
+    assert b.pop("setting").startswith("model size tiny; data: ") and "setting" not in a
+
+    def measured(report):  # every figure but the runs' wall-clock time, which this shared machine sets
+        text = json.dumps(report, ensure_ascii=False)
+        return json.loads(re.sub(r"wall-clock per run, [^:]+: [0-9.]+×", "wall-clock", text))
+
+    assert measured(a) == measured(b)  # the same claims, WERs, consistency figures and verdicts
+    assert "**Setting:** model size tiny; data: " in (tmp_path / "own" / "tian" / "REPORT_smoke.md").read_text()
+
+
+@pytest.mark.unit
+def test_bad_data_and_size_flags_are_one_line(tmp_path):
+    def run(*flags):
+        return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), *flags],
+                              capture_output=True, text=True, timeout=120)
+
+    out = run("tian", "--train", "x.json", "--dev", "y.json")
+    assert out.returncode != 0 and "needs all of --train, --dev, --test, --tokenizer (missing: --test, --tokenizer)" \
+        in out.stderr
+    out = run("kubo", "--size", "M", "--out", str(tmp_path))
+    assert out.returncode != 0 and "only --size tiny is supported for kubo" in out.stderr
+    out = run("tian", "--help")
+    assert out.returncode == 0 and "Budgets:" in out.stdout and "NeMo's Conformer S / M / L" in out.stdout

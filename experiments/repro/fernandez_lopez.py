@@ -122,7 +122,7 @@ def run(args) -> Path:
     budget = BUDGETS[args.budget]
     results = Path(args.out)
     study = argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=budget["epochs"], tag=budget["tag"],
-                               device=args.device, model=budget["model"])
+                               device=args.device, model=budget["model"] + args.model_overrides)
     for seed in budget["seeds"]:
         for arm in ARMS:  # full first: the probe arm reads its report
             lr.run_arm(study, arm, seed, results)

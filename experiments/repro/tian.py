@@ -136,7 +136,7 @@ def run(args) -> Path:
     manifest = lr.eval_manifest(Path(args.corpus), lr.runs_dir(study, results))
     for seed in budget["seeds"]:
         for arm in lr.ARMS:
-            lr.run_arm(study, arm, seed, results, manifest, extra=budget["model"])
+            lr.run_arm(study, arm, seed, results, manifest, extra=budget["model"] + args.model_overrides)
     lr.summarize(study, results)  # the per-depth tables
     by_arm, _ = finished_runs(lr.runs_dir(study, results), lr.ARMS)
     seeds = [s for s in budget["seeds"] if all(s in by_arm[a] for a in lr.ARMS)]

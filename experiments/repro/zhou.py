@@ -60,7 +60,8 @@ def train_arm(args, budget: dict, arm: str, seed: int, root: Path) -> list[dict]
         cfg = compose_config("conformer_gn_tiny", [
             f"corpus_dir={args.corpus}", f"model.encoder.n_layers={budget['layers']}", f"layerfx.seed={seed}",
             f"trainer.accelerator={args.device}", "layerfx.report_wer=false", f"exp_manager.exp_dir={run / 'exp'}",
-            "exp_manager.create_checkpoint_callback=false", *length, *budget["model"], *ARMS[arm]])
+            "exp_manager.create_checkpoint_callback=false", *length, *budget["model"], *args.model_overrides,
+            *ARMS[arm]])
         t0 = time.perf_counter()
         train(cfg, extra_callbacks=[cb])
         done.write_text(json.dumps({"arm": arm, "seed": seed, "seconds": time.perf_counter() - t0}) + "\n")
