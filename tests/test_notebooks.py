@@ -21,3 +21,5 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "Traceback" not in outputs
+    # as quiet as the layerfx commands: no NeMo info lines, no Lightning banners
+    assert "[NeMo I" not in outputs and "GPU available" not in outputs and "`Trainer.fit` stopped" not in outputs
