@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -48,9 +49,26 @@ def fused_group_norm(mode: str) -> Iterator[None]:
         _mode = old
 
 
+_failed: str | None = None  # why the kernels failed on this machine: 'auto' then takes the reference path
+
+
 def use_fused(x: torch.Tensor) -> bool:
     """Whether ``MaskedGroupNorm`` should take the fused path for this input."""
-    return triton is not None and (_mode == "on" or (_mode == "auto" and x.is_cuda))
+    return triton is not None and (_mode == "on" or (_mode == "auto" and x.is_cuda and _failed is None))
+
+
+def fall_back(error: Exception) -> None:
+    """A kernel failed to compile or launch here (a Triton, driver or GPU it does not support): in 'auto' mode the
+    reference GroupNorm takes over for the rest of the process, with one warning, instead of failing training;
+    in 'on' mode (asked for explicitly) the error stands."""
+    global _failed
+    if _mode == "on":
+        raise error
+    if _failed is None:
+        _failed = f"{type(error).__name__}: {error}"
+        warnings.warn(f"the fused GroupNorm kernels failed on this machine ({_failed}); the reference GroupNorm "
+                      "computes the same from now on (LAYERFX_FUSED_GN=off chooses it from the start)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _forward_kernel(X, PAD, W, BIAS, Y, MEAN, RSTD, C, T, Cg, G, eps,
@@ -184,7 +202,7 @@ class _FusedMaskedGroupNormFn(torch.autograd.Function):
         _kernels()[0][(B * G,)](x, pad_mask, weight, bias, y, mean, rstd, C, T, Cg, G, eps,
                                              BLOCK_C=block_c, BLOCK_T=block_t)
         ctx.save_for_backward(x, pad_mask, weight, mean, rstd)
-        ctx.num_groups = G
+        ctx.num_groups, ctx.eps = G, eps
         return y
 
     @staticmethod
@@ -194,11 +212,28 @@ class _FusedMaskedGroupNormFn(torch.autograd.Function):
         G, Cg = ctx.num_groups, C // ctx.num_groups
         dx = torch.empty_like(x)
         dwb = torch.empty(2, B, C, device=x.device, dtype=torch.float32)
-        block_c, block_t = _blocks(Cg, T)
-        _kernels()[1][(B * G,)](x, dy.contiguous(), pad_mask, weight, mean, rstd, dx, dwb, B, C, T,
-                                             Cg, G, BLOCK_C=block_c, BLOCK_T=block_t)
+        try:
+            block_c, block_t = _blocks(Cg, T)
+            _kernels()[1][(B * G,)](x, dy.contiguous(), pad_mask, weight, mean, rstd, dx, dwb, B, C, T,
+                                                 Cg, G, BLOCK_C=block_c, BLOCK_T=block_t)
+        except Exception as e:  # the backward kernel compiles at the first backward: it can fail there alone
+            fall_back(e)
+            return (*_reference_grads(x, pad_mask, weight, G, ctx.eps, dy), None, None)
         dw, db = dwb.sum(dim=1)
         return dx, None, dw, db, None, None
+
+
+def _reference_grads(x, pad_mask, weight, num_groups: int, eps: float, dy) -> tuple:
+    """(dx, None, dweight, dbias) by the reference GroupNorm's own backward (the bias does not enter them)."""
+    from nemo_layerfx.conv import _MaskedGroupNormFn, valid_frames
+
+    valid, k = valid_frames(pad_mask)
+    with torch.enable_grad():
+        xr, wr = x.float().detach().requires_grad_(), weight.float().detach().requires_grad_()
+        br = torch.zeros_like(wr, requires_grad=True)
+        y = _MaskedGroupNormFn.apply(xr, valid, k, wr, br, num_groups, eps)
+        dx, dw, db = torch.autograd.grad(y, (xr, wr, br), dy.float())
+    return dx.to(x.dtype), None, dw, db
 
 
 def masked_group_norm(x: torch.Tensor, pad_mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -66,3 +66,49 @@ def test_bad_modes_and_inputs_are_clear_errors():
         with pytest.raises(ValueError, match="C divisible by 3"):
             fused_gn.masked_group_norm(torch.randn(1, 4, 5), torch.zeros(1, 5, dtype=torch.bool), torch.ones(4),
                                        torch.zeros(4), 3, 1e-5)
+
+
+@pytest.mark.unit
+@needs_triton
+def test_a_kernel_that_fails_here_falls_back_to_the_reference_with_one_warning(monkeypatch):
+    """Forced failures: the forward kernel cannot launch (on a CPU tensor it raises), then the backward kernel
+    fails at the first backward; both times 'auto' takes the reference path, warns once, and gives its numbers."""
+    torch.manual_seed(0)
+    norm = MaskedGroupNorm(4, 16)
+    x = torch.randn(3, 16, 20, requires_grad=True)
+    pad = torch.zeros(3, 20, dtype=torch.bool)
+    pad[1, 12:] = True
+    with fused_gn.fused_group_norm("off"):
+        want = norm(x, pad)
+    monkeypatch.setattr(fused_gn, "_failed", None)
+    monkeypatch.setattr(fused_gn, "use_fused", lambda t: fused_gn._failed is None)  # as if on a GPU
+    with pytest.warns(RuntimeWarning, match="the fused GroupNorm kernels failed on this machine"):
+        got = norm(x, pad)  # masked_group_norm refuses a CPU tensor: the launch failure we force
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert fused_gn._failed.startswith("RuntimeError: the fused GroupNorm runs on CUDA tensors")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(norm(x, pad), want, rtol=0, atol=0)  # from now on quietly the reference
+
+    # the backward kernel alone failing: the reference backward gives the gradients
+    monkeypatch.setattr(fused_gn, "_failed", None)
+
+    def broken():
+        raise RuntimeError("simulated: the backward kernel does not compile")
+
+    monkeypatch.setattr(fused_gn, "_kernels", broken)
+
+    class Ctx:
+        saved_tensors = (x.detach(), pad, norm.weight.detach().float(), None, None)
+        num_groups, eps = 4, norm.eps
+
+    dy = torch.randn_like(x)
+    with pytest.warns(RuntimeWarning, match="simulated: the backward kernel does not compile"):
+        dx, _, dw, db, _, _ = fused_gn._FusedMaskedGroupNormFn.backward(Ctx, dy)
+    ref = torch.autograd.grad(want, (x, norm.weight, norm.bias), dy)
+    for g, r in zip((dx, dw, db), ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    with fused_gn.fused_group_norm("on"), pytest.raises(RuntimeError, match="simulated"):
+        fused_gn._FusedMaskedGroupNormFn.backward(Ctx, dy)  # asked for explicitly: the error stands
