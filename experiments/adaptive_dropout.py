@@ -50,7 +50,13 @@ ARMS = ("dense", "adl", "adl_settled", *BASELINES, *(f"{b}_settled" for b in SIZ
 DEFAULT_ALPHA, DEFAULT_GAMMA = 1e-7, 1e-5  # Kubo's α and L2 weight γ (AdaptiveDropoutConfig)
 DEFAULT_K_SHARE = 0.7
 DEFAULT_C0 = 10.0  # Kubo's c₀, where the moving target starts
-STEPS_PER_EPOCH = 48  # 764 training utterances of the command corpus in batches of 16
+BATCH = 16  # the tiny preset's training batch
+
+
+def steps_per_epoch(corpus: str | Path) -> int:
+    """Optimizer steps in one epoch of the corpus's training manifest (48 for the command corpus: 764 / 16)."""
+    rows = sum(1 for line in (Path(corpus) / "train_manifest.json").read_text().splitlines() if line.strip())
+    return -(-rows // BATCH)
 
 
 def overrides(args: argparse.Namespace, extra: Sequence[str]) -> list[str]:
@@ -92,7 +98,7 @@ def dev_log_probs(model: torch.nn.Module, manifest: Path, n: int = 16) -> torch.
 
 def steps(args: argparse.Namespace) -> int:
     """Optimizer steps of a run: ``max_steps`` when the study caps them (smoke), else the epochs'."""
-    return getattr(args, "max_steps", None) or args.epochs * STEPS_PER_EPOCH
+    return getattr(args, "max_steps", None) or args.epochs * steps_per_epoch(args.corpus)
 
 
 def gate_settings(args: argparse.Namespace) -> tuple[float, float, float]:
