@@ -218,22 +218,14 @@ class _FusedMaskedGroupNormFn(torch.autograd.Function):
                                                  Cg, G, BLOCK_C=block_c, BLOCK_T=block_t)
         except Exception as e:  # the backward kernel compiles at the first backward: it can fail there alone
             fall_back(e)
-            return (*_reference_grads(x, pad_mask, weight, G, ctx.eps, dy), None, None)
+            return (*reference_grads(x, pad_mask, weight, G, ctx.eps, dy), None, None)
         dw, db = dwb.sum(dim=1)
         return dx, None, dw, db, None, None
 
 
-def _reference_grads(x, pad_mask, weight, num_groups: int, eps: float, dy) -> tuple:
-    """(dx, None, dweight, dbias) by the reference GroupNorm's own backward (the bias does not enter them)."""
-    from nemo_layerfx.conv import _MaskedGroupNormFn, valid_frames
-
-    valid, k = valid_frames(pad_mask)
-    with torch.enable_grad():
-        xr, wr = x.float().detach().requires_grad_(), weight.float().detach().requires_grad_()
-        br = torch.zeros_like(wr, requires_grad=True)
-        y = _MaskedGroupNormFn.apply(xr, valid, k, wr, br, num_groups, eps)
-        dx, dw, db = torch.autograd.grad(y, (xr, wr, br), dy.float())
-    return dx.to(x.dtype), None, dw, db
+# (dx, None, dweight, dbias) of the reference GroupNorm, for a backward kernel that fails here; conv.py, which holds
+# the reference, sets it when imported (it imports this module, so this one cannot import it back)
+reference_grads = None
 
 
 def masked_group_norm(x: torch.Tensor, pad_mask: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

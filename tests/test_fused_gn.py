@@ -51,6 +51,7 @@ def test_cpu_tensors_take_the_reference_path_by_default():
 
 
 @pytest.mark.unit
+@pytest.mark.slow  # a fresh process imports the package (~10 s)
 def test_bad_modes_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         with fused_gn.fused_group_norm("fast"):

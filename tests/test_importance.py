@@ -84,7 +84,7 @@ def test_probe_matches_naive_evaluation_and_restores_weights(ctc_model, corpus, 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("arch", ["ctc", "rnnt"])
+@pytest.mark.parametrize("arch", ["ctc", pytest.param("rnnt", marks=pytest.mark.slow)])
 def test_batched_reset_variants_match_one_at_a_time(ctc_model, corpus, tiny_cfg, arch):
     """Several resets of a layer stacked into one batch give the same transcripts and losses as separate passes."""
     if arch == "ctc":  # 4 modules x (1 reinit + 2 rerand draws) = 12 resets per layer -> passes of 7 and 5
