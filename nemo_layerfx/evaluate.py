@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -205,6 +206,17 @@ def word_errors(hyp: str, ref: str) -> tuple[int, int]:
     return int(edit_distance(r, hyp.split())["total"]), len(r)
 
 
+def error_counts(hyps: list[str], refs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per utterance: word edits and reference words (what a corpus WER sums)."""
+    counts = [word_errors(h, r) for h, r in zip(hyps, refs)]
+    return np.array([c[0] for c in counts], dtype=np.int64), np.array([c[1] for c in counts], dtype=np.int64)
+
+
+def resamples(n: int, rounds: int, seed: int) -> np.ndarray:
+    """(rounds, n) utterance indices drawn with replacement (seeded: the same for every unit of a probe)."""
+    return np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+
+
 @torch.no_grad()
 def transcripts(model: nn.Module, manifest: str | Path, max_utterances: int | None = None, batch_size: int = 16,
                 rows: list[dict] | None = None) -> tuple[list[str], list[str], float]:
@@ -275,24 +287,21 @@ def evaluate(model: nn.Module, manifest: str | Path, batch_size: int = 16, max_u
 
         print("\n".join(evaluate(model, "test_manifest.json").lines()))
     """
-    import numpy as np
-
     if bootstrap < 0 or not 0.0 < ci_level < 1.0:
         raise ValueError(f"bootstrap must be >= 0 and ci_level in (0, 1), got {bootstrap}, {ci_level}")
     rows = read_manifest(manifest, max_utterances)
     hyps, refs, seconds = transcripts(model, manifest, batch_size=batch_size, rows=rows)
-    counts = np.array([word_errors(h, r) for h, r in zip(hyps, refs)], dtype=np.int64).reshape(-1, 2)
+    errors, words = error_counts(hyps, refs)
     interval: list[float] = []
     if bootstrap:
-        idx = np.random.default_rng(seed).integers(0, len(refs), size=(bootstrap, len(refs)))
-        resampled = counts[idx].sum(axis=1)  # (bootstrap, 2): errors, words
+        idx = resamples(len(refs), bootstrap, seed)
         tail = (1.0 - ci_level) / 2.0
-        interval = [float(v) for v in np.quantile(resampled[:, 0] / resampled[:, 1].clip(min=1),
+        interval = [float(v) for v in np.quantile(errors[idx].sum(axis=1) / words[idx].sum(axis=1).clip(min=1),
                                                   [tail, 1.0 - tail])]
     enc = conformer_encoder(model)
     audio_s = float(sum(r["duration"] for r in rows))
     return EvalReport(wer=wer(hyps, refs), wer_ci=interval, ci_level=ci_level, utterances=len(refs),
-                      words=int(counts[:, 1].sum()), audio_seconds=audio_s, rtf=seconds / audio_s,
+                      words=int(words.sum()), audio_seconds=audio_s, rtf=seconds / audio_s,
                       parameters=sum(p.numel() for p in model.parameters()),
                       encoder_parameters=sum(p.numel() for p in enc.parameters()), depth=eval_depth(enc),
                       n_layers=len(enc.layers), device=str(next(model.parameters()).device), manifest=str(manifest))

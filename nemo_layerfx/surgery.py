@@ -126,8 +126,9 @@ def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int], ki
     """Parameters of the model that keeps ``keep(layer, kind, n)`` units of each kind: arithmetic on the unit map
     (the flat rule counts one entry per unit)."""
     enc = conformer_encoder(model)
-    check_sliceable(enc, conv_units=any(keep(i, "conv", n_units(layer, "conv")) < n_units(layer, "conv")
-                                        for i, layer in enumerate(enc.layers)) if "conv" in kinds else False)
+    drops_conv_units = "conv" in kinds and any(keep(i, "conv", n_units(layer, "conv")) < n_units(layer, "conv")
+                                               for i, layer in enumerate(enc.layers))
+    check_sliceable(enc, conv_units=drops_conv_units)  # as sliceable_encoder: any conv norm when no group goes
     total = sum(p.numel() for p in model.parameters())
     params = dict(enc.named_parameters())
     for i, layer in enumerate(enc.layers):

@@ -239,12 +239,12 @@ def check_args(args: argparse.Namespace) -> None:
     if cmd in ("probe", "depth-sweep", "eval"):
         _at_least("--max-utterances", args.max_utterances)
         _at_least("--batch-size", args.batch_size)
+    if cmd in ("probe", "eval") and not 0.0 < args.ci_level < 1.0:
+        raise ValueError(f"--ci-level {args.ci_level}: must be in (0, 1)")
     if cmd == "eval":
         _need_file(args.model, "model")
         _need_file(args.manifest, "--manifest")
         _at_least("--bootstrap", args.bootstrap, 0)
-        if not 0.0 < args.ci_level < 1.0:
-            raise ValueError(f"--ci-level {args.ci_level}: must be in (0, 1)")
     if cmd == "probe":
         _need_file(args.model, "model")
         _need_file(args.manifest, "--manifest")
@@ -259,8 +259,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--threshold {args.threshold}: must be >= 0")
         if args.rule == "ci" and args.bootstrap < 1:
             raise ValueError(f"--rule ci needs --bootstrap >= 1, got {args.bootstrap}")
-        if not 0.0 < args.ci_level < 1.0:
-            raise ValueError(f"--ci-level {args.ci_level}: must be in (0, 1)")
     elif cmd == "extract":
         _need_file(args.model, "model")
         _distinct(args.model, args.output)
@@ -301,8 +299,7 @@ def check_args(args: argparse.Namespace) -> None:
         for path in args.reports:
             _need_file(path, "report")
     elif cmd == "make-corpus":
-        if args.n < 1:
-            raise ValueError(f"--n {args.n}: must be >= 1")
+        _at_least("--n", args.n)
         if not 1 <= args.speakers <= 152:
             raise ValueError(f"--speakers {args.speakers}: speakers must be between 1 and 152")
         _at_least("--workers", args.workers)

@@ -10,18 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nemo_layerfx.evaluate import word_errors
-
-
-def error_counts(hyps: list[str], refs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per utterance: word edits and reference words (what a corpus WER sums)."""
-    counts = [word_errors(h, r) for h, r in zip(hyps, refs)]
-    return np.array([c[0] for c in counts], dtype=np.int64), np.array([c[1] for c in counts], dtype=np.int64)
-
-
-def resamples(n: int, rounds: int, seed: int) -> np.ndarray:
-    """(rounds, n) utterance indices drawn with replacement (seeded: the same for every unit of a probe)."""
-    return np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+from nemo_layerfx.evaluate import error_counts, resamples  # noqa: F401  (core: layerfx eval uses them too)
 
 
 def delta_interval(base: np.ndarray, words: np.ndarray, variant: np.ndarray, idx: np.ndarray,
