@@ -53,17 +53,28 @@ def build(corpus: Path, tmp: Path, *extra: str, name: str = "conformer_gn_tiny")
     return model
 
 
-def _gated(corpus, tmp):
-    model = build(corpus, tmp, GATES)
-    model.encoder.adaptive_dropout_schedule.step.fill_(10)  # c(t) = c_inf: the gates decide
+def _close_half_the_gates(model):
     from nemo_layerfx.pruning import gates_of
 
+    model.encoder.adaptive_dropout_schedule.step.fill_(10)  # c(t) = c_inf: the gates decide
+    torch.manual_seed(1)
     with torch.no_grad():
         for layer in gates_of(model):
             for g in layer.values():
                 g.beta_prime.normal_(0.0, 0.3)
                 g.beta_prime[0] = 0.5
     return model
+
+
+def _gated(corpus, tmp):
+    return _close_half_the_gates(build(corpus, tmp, GATES))
+
+
+def _stock_gated(corpus, tmp):
+    """NeMo's BatchNorm model with FFN / attention gates (add_gates adopts it, its BatchNorm kept)."""
+    from nemo_layerfx.pruning import add_gates
+
+    return _close_half_the_gates(add_gates(build(corpus, tmp, *STOCK), {"locations": ["ffn", "qk", "v"], "steps": 10}))
 
 
 def _convert_norm(corpus, tmp):
@@ -86,6 +97,7 @@ PRODUCERS = {
     "lowrank": lambda c, t: lowrank(build(c, t), {"att": 0.5, "ffn": 0.5})[0],
     "merge": lambda c, t: merge(lowrank(build(c, t), {"att": 0.5, "ffn": 0.5})[0])[0],
     "gated": _gated,
+    "stock-gated": _stock_gated,
     "prune": lambda c, t: prune(_gated(c, t))[0],
     "unshare": lambda c, t: unshare(build(c, t, "+model.encoder.share_layers=1")),
     "convert-norm": _convert_norm,
@@ -105,6 +117,7 @@ EXPECTED: dict[str, dict[str, str]] = {
     "extract": {},
     "lowrank": {"extract": LOW_RANK_FD, "lowrank": r"already has factorized", "fl": LOW_RANK_FD},
     "merge": {},
+    "stock-gated": {"extract": NO_GROUPS, "lowrank": r"GatedInput.*`layerfx prune`", "fl": NO_GROUPS},
     "gated": {"extract": r"is a GatedOutput, not a dense layer.*`layerfx prune`", "lowrank": r"GatedInput.*`layerfx prune`",
               "fl": r"GatedOutput, not a dense layer"},
     "prune": {},
@@ -112,10 +125,10 @@ EXPECTED: dict[str, dict[str, str]] = {
     "convert-norm": {},
 }
 for _p, _row in EXPECTED.items():
-    if _p != "gated":
+    if "gated" not in _p:
         _row.setdefault("prune", NO_GATES)
 CONSUMERS = ("probe-block", "probe-module", "depth-sweep", "extract", "lowrank", "prune", "set-depth", "transcribe",
-             "save-restore", "callback", "fl")
+             "eval", "save-restore", "callback", "fl")
 
 
 @lru_cache(maxsize=None)
@@ -177,6 +190,12 @@ def consume(consumer: str, model, corpus: Path, tmp: Path) -> None:
         new.save_to(str(tmp / f"{consumer}.nemo"))  # and it saves and restores as what it is
         back = restore(tmp / f"{consumer}.nemo")
         assert eval_depth(conformer_encoder(back)) == want
+    elif consumer == "eval":  # layerfx eval's numbers: NeMo's transcribe() + word_error_rate, the depth it runs
+        from nemo_layerfx.evaluate import evaluate
+
+        report = evaluate(model, manifest, bootstrap=100)
+        assert report.wer == pytest.approx(reference(model, manifest)[0], abs=1e-12)
+        assert report.depth == depth and report.wer_ci[0] <= report.wer <= report.wer_ci[1]
     elif consumer == "transcribe":
         hyps, refs, _ = transcripts(model, manifest)
         assert reference(model, manifest)[2] == hyps
