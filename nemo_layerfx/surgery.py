@@ -15,7 +15,7 @@ from torch import nn
 
 from nemo_layerfx.models import clone_model, conformer_encoder, encoder_prefix
 from nemo_layerfx.units import (
-    KINDS, PRUNE_KINDS, UNIT_MAP, check_sliceable, grouped_conv, layer_tensor_index, n_units, per_head,
+    FD_KINDS, PRUNE_KINDS, check_sliceable, grouped_conv, layer_tensor_index, n_units, per_head, unit_kind,
     unit_width,
 )
 
@@ -50,8 +50,8 @@ def tensor_index(model: nn.Module, units: Units) -> dict[str, tuple[int, torch.T
 def check_kinds(layer_units: dict[str, torch.Tensor]) -> None:
     """A layer's units are federated dropout's kinds (whole heads) or pruning's (per-head dims), never both."""
     kinds = set(layer_units)
-    if kinds not in (set(KINDS), set(PRUNE_KINDS)):
-        raise ValueError(f"a layer's kept units must name the kinds {', '.join(KINDS)} or {', '.join(PRUNE_KINDS)}; "
+    if kinds not in (set(FD_KINDS), set(PRUNE_KINDS)):
+        raise ValueError(f"a layer's kept units must name the kinds {', '.join(FD_KINDS)} or {', '.join(PRUNE_KINDS)}; "
                          f"got {', '.join(sorted(kinds))}")
 
 
@@ -122,7 +122,7 @@ def units_from_lists(d: dict) -> Units:
     return {int(i): {k: torch.tensor(v, dtype=torch.long) for k, v in u.items()} for i, u in d.items()}
 
 
-def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int], kinds: tuple[str, ...] = KINDS) -> int:
+def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int], kinds: tuple[str, ...] = FD_KINDS) -> int:
     """Parameters of the model that keeps ``keep(layer, kind, n)`` units of each kind: arithmetic on the unit map
     (the flat rule counts one entry per unit)."""
     enc = conformer_encoder(model)
@@ -138,7 +138,7 @@ def units_param_count(model: nn.Module, keep: Callable[[int, str, int], int], ki
             if kept == n:
                 continue
             per_unit = 0
-            for s in UNIT_MAP[kind]:
+            for s in unit_kind(kind).slices:
                 p = params.get(f"layers.{i}.{s.path}")
                 if p is None:
                     continue
@@ -159,9 +159,8 @@ def mask_units_(model: nn.Module, units: Units) -> None:
     """
     enc = sliceable_encoder(model)
     for i, layer in enumerate(enc.layers):
-        for kind, out_path in (("ffn1", "feed_forward1.linear2.weight"), ("ffn2", "feed_forward2.linear2.weight"),
-                               ("head", "self_attn.linear_out.weight"), ("conv", "conv.pointwise_conv2.weight")):
-            n = n_units(layer, kind)
+        for kind in FD_KINDS:
+            out_path, n = unit_kind(kind).outgoing, n_units(layer, kind)
             dropped = torch.tensor(sorted(set(range(n)) - set(units[i][kind].tolist())), dtype=torch.long)
             if len(dropped):
                 _, idx = layer_tensor_index(layer, kind, dropped)[out_path]

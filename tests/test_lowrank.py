@@ -225,7 +225,7 @@ def test_composes_with_probe_and_refuses_federated_dropout(trained, corpus):
     report = probe(small, corpus / "dev_manifest.json", ProbeConfig(modes=("reinit", "rerand")), init=init)
     assert len(report.units) == 3 and report.churn is not None
     assert all(torch.equal(v, small.state_dict()[k]) for k, v in before.items())  # restored exactly
-    with pytest.raises(ValueError, match=r"self_attn.linear_q is a LowRankLinear, not a dense layer.*layerfx merge"):
+    with pytest.raises(ValueError, match=r"(self_attn|feed_forward\d)\.linear\w+ is a LowRankLinear, not a dense layer.*layerfx merge"):
         extract(small, DropoutPlan.flat(3, 0.5))
 
 

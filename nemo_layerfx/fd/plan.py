@@ -10,9 +10,9 @@ from torch import nn
 
 from nemo_layerfx.models import block_layers, read_report
 from nemo_layerfx.surgery import Units, sliceable_encoder
-from nemo_layerfx.units import KINDS, n_units
+from nemo_layerfx.units import FD_KINDS, n_units, resolve
 
-PLAN_KINDS = {"ffn": ("ffn1", "ffn2"), "head": ("head",), "conv": ("conv",)}
+RATE_KEYS = ("ffn", "head", "conv")  # config words: ffn is both FFNs' hidden units (units.resolve)
 MAPPINGS = ("pcpr", "pr")
 
 
@@ -33,9 +33,9 @@ class DropoutPlan:
 
     def __post_init__(self) -> None:
         self.rates = {k: [float(r) for r in v] for k, v in self.rates.items()}
-        bad = [k for k in self.rates if k not in PLAN_KINDS]
+        bad = [k for k in self.rates if k not in RATE_KEYS]
         if bad or not self.rates:
-            raise ValueError(f"unknown unit kind(s) {bad or '(none)'} in the plan; choose from {', '.join(PLAN_KINDS)}")
+            raise ValueError(f"unknown unit kind(s) {bad or '(none)'} in the plan; choose from {', '.join(RATE_KEYS)}")
         lengths = {len(v) for v in self.rates.values()}
         if len(lengths) != 1 or 0 in lengths:
             raise ValueError(f"every kind needs one rate per layer; got lengths {sorted(lengths)}")
@@ -96,8 +96,8 @@ class DropoutPlan:
 
     def keep(self, kind: str, layer: int, n: int) -> int:
         """Units of unit kind ``kind`` (ffn1, ffn2, head, conv) that layer ``layer`` keeps out of ``n``."""
-        plan_kind = next(k for k, members in PLAN_KINDS.items() if kind in members)
-        rate = self.rates.get(plan_kind, [0.0] * self.n_layers)[layer]
+        rates = next((v for k, v in self.rates.items() if kind in resolve(k)), None)
+        rate = 0.0 if rates is None else rates[layer]
         return max(1, round(n * (1.0 - rate)))
 
     def to_dict(self) -> dict:
@@ -121,7 +121,7 @@ def choose_units(model: nn.Module, plan: DropoutPlan, seed: int) -> Units:
     units: Units = {}
     for i, layer in enumerate(enc.layers):
         units[i] = {}
-        for kind in KINDS:
+        for kind in FD_KINDS:
             n = n_units(layer, kind)
             k = plan.keep(kind, i, n)
             units[i][kind] = torch.arange(n) if k == n else torch.randperm(n, generator=g)[:k].sort().values

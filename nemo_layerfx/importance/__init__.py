@@ -18,11 +18,11 @@ from nemo_layerfx.importance.probe import (
     MODES, UNITS, ProbeConfig, ProbeReport, ambient_units, probe, run_variants,
 )
 from nemo_layerfx.importance.resets import (
-    MODULE_PARTS, check_snapshot, churn, fresh_draw, init_state, layer_snapshot, load_snapshot, probe_units,
+    check_snapshot, churn, fresh_draw, init_state, layer_snapshot, load_snapshot, probe_units,
     save_snapshot, swapped,
 )
 from nemo_layerfx.models import conformer_encoder  # noqa: F401
 
-__all__ = ["MODES", "MODULE_PARTS", "UNITS", "ProbeConfig", "ProbeReport", "ambient_units", "check_snapshot",
+__all__ = ["MODES", "UNITS", "ProbeConfig", "ProbeReport", "ambient_units", "check_snapshot",
            "churn", "compare_reports", "fresh_draw", "init_state", "layer_snapshot", "load_snapshot", "plot_history",
            "plot_report", "probe", "probe_units", "run_variants", "save_snapshot", "spearman", "swapped"]

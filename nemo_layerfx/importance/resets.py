@@ -16,14 +16,8 @@ import torch
 from torch import nn
 
 from nemo_layerfx.models import conformer_encoder
+from nemo_layerfx.units import MODULES  # unit=module: each sub-module with its pre-norm
 
-# unit=module: each Conformer sub-module together with its pre-norm, in NeMo's attribute names
-MODULE_PARTS = {
-    "ffn1": ("norm_feed_forward1", "feed_forward1"),
-    "attn": ("norm_self_att", "self_attn"),
-    "conv": ("norm_conv", "conv"),
-    "ffn2": ("norm_feed_forward2", "feed_forward2"),
-}
 
 
 def probed_encoder(model: nn.Module) -> nn.Module:
@@ -127,8 +121,8 @@ def probe_units(model: nn.Module, unit: str, depth: int | None = None) -> list[t
         return [(f"layers.{i}", i, layer) for i, layer in enumerate(layers)]
     units = []
     for i, layer in enumerate(layers):
-        for part, names in MODULE_PARTS.items():
-            units.append((f"layers.{i}.{part}", i, nn.ModuleDict({n: getattr(layer, n) for n in names})))
+        for part, spec in MODULES.items():
+            units.append((f"layers.{i}.{part}", i, nn.ModuleDict({n: getattr(layer, n) for n in spec.parts})))
     return units
 
 
@@ -140,7 +134,7 @@ def init_state(module: nn.Module, layer_idx: int, snapshot: dict[str, torch.Tens
 def churn(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Zhou's weight-update metric per layer: ||W_t - W_0||_F over each module kind, divided by its max over layers."""
     enc = conformer_encoder(model)
-    raw: dict[str, list[float]] = {k: [] for k in ("block", *MODULE_PARTS)}
+    raw: dict[str, list[float]] = {k: [] for k in ("block", *MODULES)}
     for i, layer in enumerate(enc.layers):
         sq = {k: 0.0 for k in raw}
         for name, value in layer.state_dict().items():
@@ -148,8 +142,8 @@ def churn(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> dict[str, list
                 continue
             d = float((value.detach().cpu() - snapshot[f"layers.{i}.{name}"]).pow(2).sum())
             sq["block"] += d
-            for part, names in MODULE_PARTS.items():
-                if name.split(".")[0] in names:
+            for part, spec in MODULES.items():
+                if name.split(".")[0] in spec.parts:
                     sq[part] += d
         for k in raw:
             raw[k].append(math.sqrt(sq[k]))

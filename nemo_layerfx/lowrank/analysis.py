@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from nemo_layerfx.encoder import layer_sets
-from nemo_layerfx.lowrank.config import block_alphas
+from nemo_layerfx.lowrank.config import GROUPS, block_alphas
 from nemo_layerfx.lowrank.linear import LowRankLinear
 from nemo_layerfx.models import conformer_encoder
-from nemo_layerfx.units import LINEARS, find_module
+from nemo_layerfx.units import find_module, linears
 
 
 def energy_rank(weight: torch.Tensor, energy: float = 0.95) -> int:
@@ -34,11 +34,11 @@ def energy_profile(model: nn.Module, energy: float = 0.95) -> dict[str, list[flo
     """
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    out: dict[str, list[float]] = {g: [] for g in LINEARS}
+    out: dict[str, list[float]] = {g: [] for g in GROUPS}
     for layer in layer_sets(conformer_encoder(model)):
-        for group, paths in LINEARS.items():
+        for group in GROUPS:
             fractions = []
-            for path in paths:
+            for path in linears(group):
                 module = find_module(layer, path)
                 if module is None:
                     continue

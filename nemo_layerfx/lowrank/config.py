@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nemo_layerfx.lowrank.linear import INITS
-from nemo_layerfx.units import LINEARS
+from nemo_layerfx.units import linears
 
+GROUPS = ("att", "ffn", "conv")  # config keys: the attention module, both FFNs, the conv module (units.resolve)
 # target kind (the last name of a layer path) -> group
-TARGET_KINDS: dict[str, str] = {path.rsplit(".", 1)[1]: group for group, paths in LINEARS.items() for path in paths}
+TARGET_KINDS: dict[str, str] = {path.rsplit(".", 1)[1]: group for group in GROUPS for path in linears(group)}
 
 
 @dataclass
@@ -50,10 +51,10 @@ class LowRankConfig:
     only_if_smaller: bool = False
 
     def __post_init__(self) -> None:
-        if all(getattr(self, g) is None for g in LINEARS):
+        if all(getattr(self, g) is None for g in GROUPS):
             raise ValueError("low_rank needs a rank spec for at least one of att, ffn, conv "
                              "(e.g. low_rank: {att: [0.1, 0.2], ffn: [0.2, 0.5]})")
-        for group in LINEARS:
+        for group in GROUPS:
             setattr(self, group, _check_spec(group, getattr(self, group)))
         if self.targets is not None:
             self.targets = [str(t) for t in self.targets]

@@ -23,12 +23,12 @@ from omegaconf import open_dict
 from torch import nn
 
 from nemo_layerfx.encoder import ENCODER_TARGET, layer_sets
-from nemo_layerfx.lowrank.config import TARGET_KINDS, LowRankConfig
+from nemo_layerfx.lowrank.config import GROUPS, TARGET_KINDS, LowRankConfig
 from nemo_layerfx.lowrank.linear import LowRankLinear
 from nemo_layerfx.models import (
     adopt_, check_output, clone_model, conformer_encoder, count_params, restore, save_nemo,
 )
-from nemo_layerfx.units import LINEARS, find_module
+from nemo_layerfx.units import find_module, linears
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -49,8 +49,8 @@ def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = Non
     ranks: dict[str, int] = {}
     skipped: list[str] = []
     for b, layer in enumerate(sets):
-        for group, paths in LINEARS.items():
-            for path in paths:
+        for group in GROUPS:
+            for path in linears(group):
                 if path.rsplit(".", 1)[1] not in kinds or TARGET_KINDS[path.rsplit(".", 1)[1]] != group:
                     continue
                 module = find_module(layer, path)

@@ -15,11 +15,9 @@ from nemo_layerfx.models import adopt_, clone_model, conformer_encoder
 from nemo_layerfx.pruning.config import AdaptiveDropoutConfig
 from nemo_layerfx.pruning.gates import GatedInput, GatedOutput, GateSchedule, RetentionGate
 from nemo_layerfx.surgery import Units
-from nemo_layerfx.units import PRUNE_KINDS, check_sliceable, n_units, unit_width
-
-# location -> (unit kinds it gates)
-LOCATION_KINDS = {"ffn": ("ffn1", "ffn2"), "qk": ("qk",), "v": ("v",), "conv": ("conv",)}
-
+from nemo_layerfx.units import (
+    PRUNE_KINDS, UnitKind, check_sliceable, find_module, n_units, resolve, unit_kind, unit_width,
+)
 
 def _wrap(layer: nn.Module, path: str, wrapper) -> None:
     parent, _, name = path.rpartition(".")
@@ -38,25 +36,24 @@ def add_gates_(encoder: nn.Module, config: AdaptiveDropoutConfig) -> None:
         raise ValueError("the encoder already has adaptive_dropout gates")
     schedule = GateSchedule(config)
     encoder.adaptive_dropout_schedule = schedule
+    kinds = [k for location in config.locations for k in resolve(location)]
     for layer in layer_sets(encoder):
-        gates = nn.ModuleDict()
-        for location in config.locations:
-            for kind in LOCATION_KINDS[location]:
-                gates[kind] = RetentionGate(n_units(layer, kind), unit_width(layer, kind), schedule)
-        layer.adaptive_dropout = gates
-        for kind, gate in gates.items():
-            if kind in ("ffn1", "ffn2"):
-                _wrap(layer, f"feed_forward{kind[-1]}.linear2", lambda m, g=gate: GatedInput(m, g))
-            elif kind == "qk":
-                # NeMo's attention projects the keys before the positions: linear_k draws, linear_pos reuses
-                paired = hasattr(layer.self_attn, "linear_pos")
-                _wrap(layer, "self_attn.linear_k", lambda m, g=gate: GatedOutput(m, g, "draw" if paired else None))
-                if paired:
-                    _wrap(layer, "self_attn.linear_pos", lambda m, g=gate: GatedOutput(m, g, "reuse"))
-            elif kind == "v":
-                _wrap(layer, "self_attn.linear_v", lambda m, g=gate: GatedOutput(m, g))
-            else:
-                _wrap(layer, "conv.pointwise_conv2", lambda m, g=gate: GatedInput(m, g, dim=1))
+        layer.adaptive_dropout = nn.ModuleDict(
+            {k: RetentionGate(n_units(layer, k), unit_width(layer, k), schedule) for k in kinds})
+        for k, gate in layer.adaptive_dropout.items():
+            _gate_(layer, unit_kind(k), gate)
+
+
+def _gate_(layer: nn.Module, kind: UnitKind, gate: RetentionGate) -> None:
+    """Wrap the modules the unit map names as ``kind``'s gate sites (a site the layer lacks is skipped: e.g.
+    linear_pos without rel_pos attention)."""
+    sites = [path for path in kind.gate_at if find_module(layer, path) is not None]
+    for j, path in enumerate(sites):
+        if kind.gate_input:
+            _wrap(layer, path, lambda m: GatedInput(m, gate, dim=kind.gate_dim))
+        else:  # one mask for every site of a forward: the first draws it, the others reuse it
+            pair = None if len(sites) == 1 else ("draw" if j == 0 else "reuse")
+            _wrap(layer, path, lambda m: GatedOutput(m, gate, pair))
 
 
 def apply_option(encoder: nn.Module, value) -> None:
