@@ -16,6 +16,7 @@ dense models that federated dropout, pruning and low-rank training produce; ``d_
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,25 @@ class EncoderOption:
 
 
 ENCODER_OPTIONS: dict[str, EncoderOption] = {}
+
+
+class EncoderExtension:
+    """How a capability takes part in ``GroupNormConformerEncoder``'s forward without the core knowing it.
+
+    An encoder option attaches one with ``encoder.add_extension(name, ext)`` (e.g. ``depth_sampling`` a depth
+    sampler, ``adaptive_dropout`` the gates' mask draws). In a training forward the first extension that returns a
+    depth sets how many layers run; every forward calls ``before_forward`` first and ``after_forward`` at the end
+    (also when the forward fails), in the order the extensions were added. Override what you need.
+    """
+
+    def training_depth(self, encoder: nn.Module) -> int | None:
+        return None
+
+    def before_forward(self, encoder: nn.Module) -> None:
+        pass
+
+    def after_forward(self, encoder: nn.Module) -> None:
+        pass
 
 
 def register_encoder_option(name: str, apply: Callable[[nn.Module, Any], None], order: int = 0,
@@ -162,8 +182,8 @@ class GroupNormConformerEncoder(ConformerEncoder):
         inference_depth: M, the number of layers an eval-mode forward runs (Tian's shallow-layer inference SLI(M):
             ``transcribe()``, validation and the probe use the first M layers). None: all layers.
 
-    A training forward runs ``depth_sampler.depth()`` layers when a sampler is attached (``depth_sampling``,
-    from ``nemo_layerfx.depth``): only those layers are computed, not masked.
+    Capabilities take part in the forward through ``EncoderExtension`` (``add_extension``): e.g. a training forward
+    runs the depth that ``depth_sampling`` (from ``nemo_layerfx.depth``) draws: only those layers are computed.
 
     Example::
 
@@ -246,18 +266,35 @@ class GroupNormConformerEncoder(ConformerEncoder):
                     dropout_rate=kwargs.get("dropout_att", 0.0), rel_pos=self.self_attention_model == "rel_pos",
                     use_bias=use_bias)
         lean_modules_(self)
+        self._extensions: dict[str, EncoderExtension] = {}
         self.share_layers = None
         if share_layers is not None:
-            self._share(int(share_layers))
+            self.share_(int(share_layers))
         self.set_inference_depth(inference_depth)
         for option in sorted(ENCODER_OPTIONS.values(), key=lambda o: o.order):
             if options.get(option.name) is not None:
                 option.apply(self, options[option.name])
 
-    # --- depth: parameter sets, and how many layers a forward runs --------------------------------------------
-    depth_sampler: Any = None  # set by the depth_sampling option: an object whose depth() is this step's depth
+    # --- extensions: how capabilities take part in the forward ------------------------------------------------
+    def add_extension(self, name: str, extension: EncoderExtension) -> None:
+        """Attach ``extension`` under ``name`` (one per name)."""
+        if name in self._extensions:
+            raise ValueError(f"the encoder already has a {name!r} extension")
+        self._extensions[name] = extension
 
-    def _share(self, groups: int) -> None:
+    def extension(self, name: str) -> EncoderExtension | None:
+        """The extension attached under ``name``, or None."""
+        return self._extensions.get(name)
+
+    def remove_extension(self, name: str) -> None:
+        self._extensions.pop(name, None)
+
+    # --- depth: parameter sets, and how many layers a forward runs --------------------------------------------
+    def share_(self, groups: int) -> None:
+        """In place: the ``n_layers`` layers use ``groups`` parameter sets, consecutive layers sharing (layer i
+        uses the set of layer ``i * groups // n_layers``'s first user); the other layers' parameters are dropped."""
+        if self.share_layers is not None:
+            raise ValueError(f"the encoder already shares parameters (share_layers={self.share_layers})")
         n = len(self.layers)
         if not 1 <= groups <= n:
             raise ValueError(f"share_layers={groups} must be in 1..n_layers={n} (1: one parameter set used by every "
@@ -279,6 +316,17 @@ class GroupNormConformerEncoder(ConformerEncoder):
         object.__setattr__(self, "layers", nn.ModuleList([sets[g] for g in index]))
         self.share_layers = groups
 
+    def unshare_(self) -> None:
+        """In place: every depth gets its own copy of the parameter set it used (the outputs are unchanged)."""
+        if self.share_layers is None:
+            raise ValueError("nothing to unshare: the encoder's layers do not share parameters (share_layers is not "
+                             "set)")
+        layers = nn.ModuleList([copy.deepcopy(layer) for layer in self.layers])
+        del self._modules["layer_sets"]
+        del self.__dict__["layers"]
+        self.layers = layers
+        self.share_layers = None
+
     def set_inference_depth(self, depth: int | None) -> None:
         """Run only the first ``depth`` layers in eval mode (None: all). The model's config is not changed; use
         ``nemo_layerfx.depth.set_inference_depth(model, depth)`` to also export it with the ``.nemo``."""
@@ -289,8 +337,11 @@ class GroupNormConformerEncoder(ConformerEncoder):
 
     def active_depth(self) -> int:
         """How many layers the next forward runs: the sampled depth in training, the inference depth in eval."""
-        if self.training and self.depth_sampler is not None:
-            return self.depth_sampler.depth()
+        if self.training:
+            for extension in self._extensions.values():
+                depth = extension.training_depth(self)
+                if depth is not None:
+                    return int(depth)
         if not self.training and self.inference_depth is not None:
             return self.inference_depth
         return len(self.layers)
@@ -302,20 +353,18 @@ class GroupNormConformerEncoder(ConformerEncoder):
                 "utterance-level GroupNorm statistics cannot be computed chunk by chunk."
             )
         depth = self.active_depth()
-        # adaptive-dropout gates (pruning/): every gate's training mask drawn in one go, forgotten afterwards
-        schedule = self._modules.get("adaptive_dropout_schedule")
-        gates = [g for layer in layer_sets(self) for g in layer.adaptive_dropout.values()] if schedule is not None else []
-        if gates and self.training:
-            schedule.draw(gates)
+        extensions = list(self._extensions.values())
         # NeMo's forward zips layer_drop_probs with the layers, so a shorter list runs (only) the first `depth`.
         full = self.layer_drop_probs
         self.layer_drop_probs = full[:depth]
         try:
+            for extension in extensions:
+                extension.before_forward(self)
             return super().forward_internal(audio_signal, length, cache_last_channel, *args, **kwargs)
         finally:
             self.layer_drop_probs = full
-            if gates:
-                schedule.clear(gates)
+            for extension in extensions:
+                extension.after_forward(self)
 
     def get_initial_cache_state(self, *args, **kwargs):
         raise NotImplementedError(

@@ -155,10 +155,13 @@ def save_nemo(model: nn.Module, dst: str | os.PathLike) -> Path:
     return dst
 
 
-def clone_model(model: nn.Module) -> nn.Module:
+def clone_model(model: nn.Module, replace: dict[nn.Module, nn.Module] | None = None) -> nn.Module:
     """A deep copy of a NeMo model without its trainer and data loaders (which cannot be copied, and belong to the
     original); the copy's ``training_step`` wrapper is rebuilt for the copy. Methods wrapped on the instance (under
-    DDP Lightning wraps ``forward`` in a proxy that cannot be copied) are left to the copy's class."""
+    DDP Lightning wraps ``forward`` in a proxy that cannot be copied) are left to the copy's class.
+
+    ``replace``: submodules the copy takes as given instead of copying them (e.g. a new encoder for a model
+    surgery: the old one is never copied)."""
     from nemo.utils import model_utils
 
     def proxy(v: Any) -> bool:  # a wrapt proxy (its C and Python classes differ: matched by name)
@@ -168,7 +171,8 @@ def clone_model(model: nn.Module) -> nn.Module:
     skip += tuple(k for k, v in model.__dict__.items() if proxy(v) and k not in skip)
     saved = {k: model.__dict__.pop(k) for k in skip if k in model.__dict__}
     try:
-        clone = copy.deepcopy(model)
+        memo: dict[int, Any] = {id(old): new for old, new in (replace or {}).items()}
+        clone = copy.deepcopy(model, memo)
     finally:
         model.__dict__.update(saved)
     clone._trainer, clone._train_dl, clone._validation_dl, clone._test_dl = None, None, None, None

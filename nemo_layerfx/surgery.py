@@ -36,8 +36,10 @@ def drops_conv(enc: nn.Module, units: Units) -> bool:
 
 def tensor_index(model: nn.Module, units: Units) -> dict[str, tuple[int, torch.Tensor]]:
     """state_dict key -> (dim, kept indices) for every sliced tensor of ``model`` (the full-size model)."""
-    enc = sliceable_encoder(model, units)
-    prefix = encoder_prefix(model)
+    return _tensor_index(sliceable_encoder(model, units), encoder_prefix(model), units)
+
+
+def _tensor_index(enc: nn.Module, prefix: str, units: Units) -> dict[str, tuple[int, torch.Tensor]]:
     out = {}
     for i, layer in enumerate(enc.layers):
         check_kinds(units[i])
@@ -71,7 +73,10 @@ def slice_state(state: dict[str, torch.Tensor], index: dict[str, tuple[int, torc
 def submodel_widths(model: nn.Module, units: Units) -> dict[str, list]:
     """Encoder config entries of the submodel: ``ff_hidden``, ``conv_channels``, ``conv_groups`` and either
     ``layer_n_heads`` (whole heads kept) or ``layer_qk_dims`` / ``layer_v_dims`` (per-head widths)."""
-    enc = sliceable_encoder(model, units)
+    return _widths(sliceable_encoder(model, units), units)
+
+
+def _widths(enc: nn.Module, units: Units) -> dict[str, list]:
     per_head_dims = "qk" in units[0]
     widths: dict[str, list] = {"ff_hidden": [], "conv_channels": [], "conv_groups": []}
     widths.update({"layer_qk_dims": [], "layer_v_dims": []} if per_head_dims else {"layer_n_heads": []})
@@ -98,15 +103,14 @@ def build_submodel(model: nn.Module, units: Units) -> nn.Module:
     """
     from omegaconf import open_dict
 
-    enc = sliceable_encoder(model, units)
-    widths = submodel_widths(model, units)
+    enc = sliceable_encoder(model, units)  # checked once; the old encoder is never copied
+    prefix = encoder_prefix(model)
     sub_enc_cfg = copy.deepcopy(model.cfg.encoder)
     with open_dict(sub_enc_cfg):
-        sub_enc_cfg.update(widths)
-    new_encoder = type(enc).from_config_dict(sub_enc_cfg)
-    sub = clone_model(model)
-    setattr(sub, encoder_prefix(model), new_encoder.to(next(enc.parameters()).device))
-    sliced = slice_state(model.state_dict(), tensor_index(model, units))
+        sub_enc_cfg.update(_widths(enc, units))
+    new_encoder = type(enc).from_config_dict(sub_enc_cfg).to(next(enc.parameters()).device)
+    sub = clone_model(model, replace={enc: new_encoder})
+    sliced = slice_state(model.state_dict(), _tensor_index(enc, prefix, units))
     sub.load_state_dict({k: v.clone() for k, v in sliced.items()}, strict=True)
     with open_dict(sub._cfg):
         sub._cfg.encoder = sub_enc_cfg

@@ -74,7 +74,7 @@ def test_sampled_depth_runs_only_the_first_n_layers(share):
     calls = layer_calls(enc)
     enc.train()
     for step in range(6):
-        enc.depth_sampler.step = step
+        enc.extension("depth_sampling").step = step
         del calls[:]
         enc(audio_signal=batch()[0], length=batch()[1])
         n = DepthSampler(2, 8, 4).draw(step)

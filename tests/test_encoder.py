@@ -337,3 +337,57 @@ def test_bf16_autocast_keeps_float32_statistics():
         low, _ = enc(audio_signal=x, length=n)
     assert torch.isfinite(low).all()
     assert (low.float()[0] - ref[0]).abs().mean() < 0.05 * ref[0].abs().mean()
+
+
+@pytest.mark.unit
+def test_an_extension_sets_the_training_depth_and_wraps_every_forward():
+    """The public extension point capabilities plug into (depth sampling, adaptive-dropout gates): the core calls
+    it without knowing which capability it is."""
+    from nemo_layerfx.encoder import EncoderExtension
+
+    class Probe(EncoderExtension):
+        def __init__(self):
+            self.calls = []
+
+        def training_depth(self, encoder):
+            return 1
+
+        def before_forward(self, encoder):
+            self.calls.append(("before", encoder.training))
+
+        def after_forward(self, encoder):
+            self.calls.append(("after", encoder.training))
+
+    enc = build(GroupNormConformerEncoder, n_layers=3)
+    ran = []
+    for layer in enc.layers:
+        layer.register_forward_hook(lambda m, i, o: ran.append(m))
+    ext = Probe()
+    enc.add_extension("probe", ext)
+    with pytest.raises(ValueError, match="already has a 'probe' extension"):
+        enc.add_extension("probe", Probe())
+    x, n = torch.randn(2, 80, 64), torch.tensor([64, 40])
+    enc.train()
+    enc(audio_signal=x, length=n)
+    assert len(ran) == 1 and ext.calls == [("before", True), ("after", True)]
+    enc.eval()
+    del ran[:]
+    enc(audio_signal=x, length=n)
+    assert len(ran) == 3 and ext.calls[-2:] == [("before", False), ("after", False)]  # eval: every layer
+    enc.remove_extension("probe")
+    assert enc.extension("probe") is None
+
+
+@pytest.mark.unit
+def test_share_and_unshare_are_inverse_and_keep_the_outputs():
+    enc = build(GroupNormConformerEncoder, n_layers=4).eval()
+    x, n = torch.randn(2, 80, 64), torch.tensor([64, 40])
+    enc.share_(2)
+    assert enc.share_layers == 2 and enc.layers[0] is enc.layers[1] and enc.layers[1] is not enc.layers[2]
+    shared, _ = enc(audio_signal=x, length=n)
+    enc.unshare_()
+    assert enc.share_layers is None and len({id(m) for m in enc.layers}) == 4
+    assert not any(k.startswith("layer_sets.") for k in enc.state_dict())
+    torch.testing.assert_close(enc(audio_signal=x, length=n)[0], shared, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="nothing to unshare"):
+        enc.unshare_()

@@ -246,7 +246,7 @@ def test_bad_gate_settings_are_clear_errors(spec, message):
 
 @pytest.mark.integration
 def test_gates_are_refused_where_pruning_cannot_follow(tiny_cfg):
-    with pytest.raises(ValueError, match="adaptive_dropout cannot be combined with low_rank"):
+    with pytest.raises(ValueError, match=r"is a LowRankLinear, not a dense layer.*layerfx merge"):
         GroupNormConformerEncoder(feat_in=20, n_layers=2, d_model=32, n_heads=4, conv_norm_type="group_norm4",
                                   low_rank={"ffn": 0.5}, adaptive_dropout={})
     with pytest.raises(ValueError, match=r"shares parameters between layers"):

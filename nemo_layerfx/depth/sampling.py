@@ -20,11 +20,12 @@ import lightning.pytorch as pl
 from nemo.core.classes.common import Serialization
 from torch import nn
 
+from nemo_layerfx.encoder import EncoderExtension
 from nemo_layerfx.models import conformer_encoder
 
 
 @dataclass
-class DepthSampler:
+class DepthSampler(EncoderExtension):
     """The ``depth_sampling`` section of the encoder config.
 
     low, high: L and H of U{L..H}, inclusive (Tian: U(2, 8) on an 8-layer model). seed: the draw of step t is a
@@ -50,8 +51,18 @@ class DepthSampler:
             raise RuntimeError(
                 "the encoder has depth_sampling but no optimizer step was handed to it: add "
                 "{_target_: nemo_layerfx.depth.DepthSampling} to trainer.callbacks (the shipped "
-                "conformer_gn_shared configs do), or call encoder.depth_sampler.step = <step> in your own loop")
+                "conformer_gn_shared configs do), or set encoder.extension('depth_sampling').step = <step> in your "
+                "own loop")
         return self.draw(self.step)
+
+    def training_depth(self, encoder: nn.Module) -> int:
+        return self.depth()
+
+
+def depth_sampler(encoder: nn.Module) -> DepthSampler | None:
+    """The encoder's depth sampler (its ``depth_sampling`` extension), or None (also for NeMo's own encoder)."""
+    find = getattr(encoder, "extension", None)
+    return find("depth_sampling") if find is not None else None
 
 
 def skips_parameters(encoder: nn.Module, sampler: DepthSampler) -> bool:
@@ -75,7 +86,7 @@ def apply_option(encoder: nn.Module, value: Any) -> None:
         raise ValueError("depth_sampling cannot be combined with cache-aware streaming (att_context_style / "
                          "multiple att_context_size): a streaming cache holds one entry per layer for every chunk; "
                          "train the offline model with depth sampling instead")
-    encoder.depth_sampler = sampler
+    encoder.add_extension("depth_sampling", sampler)
 
 
 class DepthSampling(pl.Callback, Serialization):
@@ -93,7 +104,7 @@ class DepthSampling(pl.Callback, Serialization):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         enc = conformer_encoder(pl_module)
-        sampler = getattr(enc, "depth_sampler", None)
+        sampler = depth_sampler(enc)
         if sampler is None:
             raise ValueError("DepthSampling is in trainer.callbacks but the encoder has no depth_sampling: set "
                              "model.encoder.depth_sampling: {low: L, high: H}, or remove the callback")
@@ -105,7 +116,7 @@ class DepthSampling(pl.Callback, Serialization):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        sampler = conformer_encoder(pl_module).depth_sampler
+        sampler = depth_sampler(conformer_encoder(pl_module))
         sampler.step = int(trainer.global_step)
         depth = sampler.depth()
         self.history.append((sampler.step, depth))

@@ -8,7 +8,6 @@ used), which stock NeMo can then load the usual way, and sets a model's inferenc
 
 from __future__ import annotations
 
-import copy
 import os
 
 from omegaconf import open_dict
@@ -25,12 +24,7 @@ def unshare(model: nn.Module) -> nn.Module:
     if getattr(conformer_encoder(model), "share_layers", None) is None:
         raise ValueError("nothing to unshare: the encoder's layers do not share parameters (share_layers is not set)")
     new = clone_model(model)
-    enc = conformer_encoder(new)
-    layers = nn.ModuleList([copy.deepcopy(layer) for layer in enc.layers])  # one independent copy per depth
-    del enc._modules["layer_sets"]
-    del enc.__dict__["layers"]
-    enc.layers = layers
-    enc.share_layers = None
+    conformer_encoder(new).unshare_()
     with open_dict(new._cfg):
         new._cfg.encoder.pop("share_layers", None)
     return new

@@ -10,7 +10,7 @@ import torch
 from omegaconf import open_dict
 from torch import nn
 
-from nemo_layerfx.encoder import layer_sets
+from nemo_layerfx.encoder import EncoderExtension, layer_sets
 from nemo_layerfx.models import adopt_, clone_model, conformer_encoder
 from nemo_layerfx.pruning.config import AdaptiveDropoutConfig
 from nemo_layerfx.pruning.gates import GatedInput, GatedOutput, GateSchedule, RetentionGate
@@ -27,15 +27,14 @@ def _wrap(layer: nn.Module, path: str, wrapper) -> None:
 
 def add_gates_(encoder: nn.Module, config: AdaptiveDropoutConfig) -> None:
     """In place: gate every layer's units at ``config.locations``; β′ = 0, so every gate starts at c₀ (no dropout)."""
-    if any(type(m).__name__ == "LowRankLinear" for m in encoder.modules()):
-        raise ValueError("adaptive_dropout cannot be combined with low_rank: pruning removes rows and columns of "
-                         "dense weights (merge the low-rank model first: `layerfx merge`)")
-    # unshared, dense layers (and a GroupNorm conv module where conv groups are gated): what prune can slice
-    check_sliceable(encoder, conv_units="conv" in config.locations)
     if getattr(encoder, "adaptive_dropout_schedule", None) is not None:
         raise ValueError("the encoder already has adaptive_dropout gates")
+    # unshared, dense layers (not factorized: merge a low-rank model first), and a GroupNorm conv module where conv
+    # groups are gated: what prune can slice
+    check_sliceable(encoder, conv_units="conv" in config.locations)
     schedule = GateSchedule(config)
     encoder.adaptive_dropout_schedule = schedule
+    encoder.add_extension("adaptive_dropout", GateDraws())
     kinds = [k for location in config.locations for k in resolve(location)]
     for layer in layer_sets(encoder):
         layer.adaptive_dropout = nn.ModuleDict(
@@ -54,6 +53,22 @@ def _gate_(layer: nn.Module, kind: UnitKind, gate: RetentionGate) -> None:
         else:  # one mask for every site of a forward: the first draws it, the others reuse it
             pair = None if len(sites) == 1 else ("draw" if j == 0 else "reuse")
             _wrap(layer, path, lambda m: GatedOutput(m, gate, pair))
+
+
+class GateDraws(EncoderExtension):
+    """The encoder's hook: every gate's training mask drawn in one go before a training forward, and forgotten
+    after it (an eval forward uses the deterministic masks β ≥ c(t))."""
+
+    def before_forward(self, encoder: nn.Module) -> None:
+        if encoder.training:
+            encoder.adaptive_dropout_schedule.draw(_gates(encoder))
+
+    def after_forward(self, encoder: nn.Module) -> None:
+        encoder.adaptive_dropout_schedule.clear(_gates(encoder))
+
+
+def _gates(encoder: nn.Module) -> list[RetentionGate]:
+    return [g for layer in layer_sets(encoder) for g in layer.adaptive_dropout.values()]
 
 
 def apply_option(encoder: nn.Module, value) -> None:
@@ -110,6 +125,7 @@ def strip_gates_(encoder: nn.Module) -> None:
             del layer._modules["adaptive_dropout"]
     if "adaptive_dropout_schedule" in encoder._modules:
         del encoder._modules["adaptive_dropout_schedule"]
+    encoder.remove_extension("adaptive_dropout")
 
 
 def remove_gates(model: nn.Module) -> nn.Module:
