@@ -86,7 +86,7 @@ def main() -> None:
     torch.manual_seed(0)
     suffix = args.device + ("_notf32" if args.no_tf32 else "") + (f"_{Path(args.model).stem}" if args.model else "")
     if args.model:  # re-init then uses a fresh draw as the "initial" values (a .nemo has none; timing only)
-        from nemo_layerfx.convert import restore
+        from nemo_layerfx.models import restore
 
         model = restore(args.model)
         init = {f"layers.{i}.{k}": v for i, layer in enumerate(model.encoder.layers)

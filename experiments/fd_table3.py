@@ -25,7 +25,7 @@ import torch
 from nemo.utils import logging
 
 import nemo_layerfx
-from nemo_layerfx.convert import restore
+from nemo_layerfx.models import restore
 from nemo_layerfx.fl import FLConfig, simulate
 from nemo_layerfx.fl.task import read_metrics
 from nemo_layerfx.importance import ProbeConfig, probe

@@ -31,9 +31,9 @@ from nemo_layerfx.fd import (  # noqa: E402
     choose_units,
     expand,
     extract,
-    mask_units_,
     plan_param_count,
 )
+from nemo_layerfx.surgery import mask_units_  # noqa: E402
 from nemo_layerfx.lowrank import LowRankConfig, LowRankLinear, lowrank, merge  # noqa: E402
 from nemo_layerfx.depth import DepthSampling, depth_sweep, set_inference_depth, unshare  # noqa: E402
 from nemo_layerfx.pruning import AdaptiveDropout, prune, survival_report  # noqa: E402
@@ -41,12 +41,8 @@ from nemo_layerfx.models import clone_model, conformer_encoder, restore  # noqa:
 from nemo_layerfx.memory import training_memory  # noqa: E402
 from nemo_layerfx.units import UNIT_MAP  # noqa: E402
 from nemo_layerfx.fused_gn import fused_group_norm  # noqa: E402
-from nemo_layerfx.encoder import (  # noqa: E402
-    GroupNormConformerEncoder,
-    MaskedConformerConvolution,
-    MaskedGroupNorm,
-    stock_encoder_config,
-)
+from nemo_layerfx.encoder import GroupNormConformerEncoder, stock_encoder_config  # noqa: E402
+from nemo_layerfx.conv import MaskedConformerConvolution, MaskedGroupNorm  # noqa: E402
 
 __version__ = "0.2.0"
 

@@ -48,5 +48,4 @@ class LossHistory(pl.Callback, Serialization):
         self.losses = list(state_dict.get("losses", []))
 
 
-from nemo_layerfx.importance.callback import LayerImportanceCallback  # noqa: E402,F401  (config target path)
-from nemo_layerfx.importance.plot import plot_history  # noqa: E402,F401
+from nemo_layerfx.importance.callback import LayerImportanceCallback  # noqa: E402,F401  (its documented config target path)

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 from nemo_layerfx.quiet import quiet_console
-from nemo_layerfx_cli import build_parser, check_args  # noqa: F401  (re-exported for callers of the old module)
 
 
 def _make_corpus(args: argparse.Namespace) -> int:

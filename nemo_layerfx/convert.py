@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from nemo_layerfx.encoder import ENCODER_TARGET, STOCK_ENCODER_TARGET
-from nemo_layerfx.models import check_output, load_config, restore, save_nemo  # noqa: F401  (restore: old path)
+from nemo_layerfx.conv import STOCK_ENCODER_TARGET
+from nemo_layerfx.encoder import ENCODER_TARGET
+from nemo_layerfx.models import check_output, load_config, restore, save_nemo
 
 CONFORMER_TARGETS = (STOCK_ENCODER_TARGET, "nemo.collections.asr.modules.conformer_encoder.ConformerEncoder",
                      ENCODER_TARGET)

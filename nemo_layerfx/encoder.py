@@ -35,13 +35,7 @@ from nemo.collections.asr.parts.submodules.subsampling import MaskedConvSequenti
 from torch import nn
 
 from nemo_layerfx.attention import LeanRelPositionMultiHeadAttention, RaggedMultiHeadAttention
-from nemo_layerfx.conv import (  # noqa: F401 (re-exported: their public home was this module)
-    STOCK_ENCODER_TARGET,
-    MaskedConformerConvolution,
-    MaskedGroupNorm,
-    _MaskedGroupNormFn,
-    parse_num_groups,
-)
+from nemo_layerfx.conv import STOCK_ENCODER_TARGET, MaskedConformerConvolution, parse_num_groups
 from nemo_layerfx.layer import lean_layer_
 from nemo_layerfx.subsampling import LeanMaskedConvSequential
 

@@ -6,7 +6,9 @@ configs ship) update it in place without bumping its version. So besides each pa
 device, the key holds a count of optimizer steps, taken by a hook on every ``torch.optim`` optimizer in the
 process: whatever ran between two inference calls, a step invalidates what was kept. A parameter or submodule
 assigned anywhere (a rewrite that swaps a layer, ``load_state_dict(assign=True)``) is counted by torch's global
-registration hooks, so the key need not walk the module tree on every call: it reads the parameter slots found
+registration hooks, so the key need not walk the module tree on every call. The hooks are installed when the first
+value is kept (what happened before cannot make a later value stale), so a process that imports the package but
+never runs our CPU inference path carries none: it reads the parameter slots found
 when the weights were built (a pruned 16-layer encoder looks its kept weights up 48 times per forward: 0.67 ms
 walking ``module.parameters()``, 0.22 ms reading the slots, timed ad hoc).
 """
@@ -23,16 +25,24 @@ from torch.nn.modules.module import (
 )
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-_EVENTS = [0]  # optimizer steps, parameter and submodule registrations, anywhere in the process
+_EVENTS = [0]  # optimizer steps, parameter and submodule registrations, anywhere in the process, once watched
+_HOOKS: list = []  # their handles, from the first kept value on
 
 
 def _count(*args: Any) -> None:
     _EVENTS[0] += 1
 
 
-register_optimizer_step_post_hook(_count)
-register_module_parameter_registration_hook(_count)
-register_module_module_registration_hook(_count)
+def _watch() -> None:
+    """Count the events that can make a kept value stale, from now on (once per process)."""
+    if not _HOOKS:
+        _HOOKS.extend([register_optimizer_step_post_hook(_count), register_module_parameter_registration_hook(_count),
+                       register_module_module_registration_hook(_count)])
+
+
+def watching() -> bool:
+    """Whether the process-wide hooks are installed (a value has been kept)."""
+    return bool(_HOOKS)
 
 
 class _Kept(NamedTuple):
@@ -51,6 +61,7 @@ def inference_cache(module: nn.Module, build: Callable[[], Any]) -> Any:
     kept = module.__dict__.get("_inference_cache")
     if kept is not None and kept.events == _EVENTS[0] and kept.state == _state(kept.slots):
         return kept.value
+    _watch()
     slots = [(m._parameters, name) for m in module.modules() for name, p in m._parameters.items() if p is not None]
     value = build()
     module.__dict__["_inference_cache"] = _Kept(_EVENTS[0], slots, _state(slots), value)

@@ -292,3 +292,27 @@ def test_inference_masking_by_addition_equals_nemos_masked_fill_bit_for_bit(cont
         with torch.enable_grad():
             want = attend(scores.clone(), mask, drop, v)
         assert torch.equal(attend(scores.clone(), mask, drop, v), want)
+
+
+@pytest.mark.slow  # a fresh interpreter: the hooks are process-wide
+def test_importing_the_package_installs_no_process_wide_hooks():
+    """The inference cache's optimizer and registration hooks are installed by the first kept value, not by
+    ``import nemo_layerfx``: a process that never runs our inference path is left as it was."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, nemo_layerfx\n"
+        "from torch.optim import optimizer\n"
+        "from torch.nn.modules import module\n"
+        "from nemo_layerfx import inference\n"
+        "before = (len(optimizer._global_optimizer_post_hooks), len(module._global_parameter_registration_hooks),"
+        " inference.watching())\n"
+        "enc = nemo_layerfx.GroupNormConformerEncoder(feat_in=16, n_layers=1, d_model=32, n_heads=4,"
+        " conv_norm_type='group_norm4').eval()\n"
+        "with torch.no_grad():\n"
+        "    enc(audio_signal=torch.randn(1, 16, 40), length=torch.tensor([40]))\n"
+        "print(before, (len(optimizer._global_optimizer_post_hooks), inference.watching()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(0, 0, False) (1, True)"

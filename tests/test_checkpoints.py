@@ -15,7 +15,7 @@ from omegaconf import OmegaConf, open_dict
 import nemo_layerfx  # noqa: F401  (registers the plugin)
 from nemo.collections.asr.models import ASRModel, EncDecCTCModelBPE, EncDecRNNTBPEModel
 from nemo_layerfx import cli
-from nemo_layerfx.convert import restore
+from nemo_layerfx.models import restore
 from nemo_layerfx.encoder import GroupNormConformerEncoder, stock_encoder_config
 
 
@@ -194,3 +194,24 @@ def test_corrupt_or_missing_nemo_is_a_clear_error(tiny_cfg, tmp_path, capsys):
     assert "missing.nemo: no such file" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="no such .nemo file"):
         restore(tmp_path / "missing.nemo")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["gated", "shared_lowrank"])
+def test_a_nemo_saved_by_an_earlier_release_restores_and_computes_the_same(name):
+    """``.nemo`` files written by nemo_layerfx 0.2.0 before its aliases were dropped
+    (tests/fixtures/make_legacy_nemo.py): their ``_target_`` paths and encoder options still build the model, and it encodes exactly as it did."""
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parent / "fixtures"
+    model = restore(data / f"legacy_{name}.nemo").eval()
+    assert model.cfg.encoder._target_ == "nemo_layerfx.encoder.GroupNormConformerEncoder"
+    saved = torch.load(data / f"legacy_{name}.pt")
+    with torch.no_grad():
+        out, _ = model.encoder(audio_signal=saved["input"], length=torch.tensor([saved["input"].shape[-1]]))
+    torch.testing.assert_close(out, saved["encoded"], rtol=1e-5, atol=1e-5)
+    if name == "gated":
+        assert "adaptive_dropout" in model.cfg.encoder and model.encoder.extension("adaptive_dropout") is not None
+    else:
+        assert model.encoder.share_layers == 1 and model.encoder.extension("depth_sampling") is not None
+        assert any(type(m).__name__ == "LowRankLinear" for m in model.encoder.modules())

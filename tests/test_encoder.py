@@ -7,7 +7,8 @@ import torch
 
 import nemo_layerfx  # noqa: F401  (registers the plugin)
 from nemo.collections.asr.modules import ConformerEncoder
-from nemo_layerfx.encoder import GroupNormConformerEncoder, MaskedGroupNorm
+from nemo_layerfx.conv import MaskedGroupNorm
+from nemo_layerfx.encoder import GroupNormConformerEncoder
 
 SMALL = dict(feat_in=80, n_layers=2, d_model=64, n_heads=4, conv_kernel_size=15, subsampling="dw_striding",
              subsampling_factor=4, dropout=0.0, dropout_pre_encoder=0.0, dropout_emb=0.0, dropout_att=0.0)
@@ -62,7 +63,7 @@ def test_masked_group_norm_matches_group_norm_on_valid_frames():
 @pytest.mark.unit
 def test_masked_group_norm_gradient_is_exact():
     """The hand-written backward against finite differences (float64), padding included."""
-    from nemo_layerfx.encoder import _MaskedGroupNormFn
+    from nemo_layerfx.conv import _MaskedGroupNormFn
 
     torch.manual_seed(0)
     x = torch.randn(3, 8, 11, dtype=torch.double, requires_grad=True)

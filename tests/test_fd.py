@@ -8,9 +8,10 @@ import torch
 import nemo_layerfx  # noqa: F401
 from conftest import encoded
 from nemo_layerfx.fd import (
-    DropoutPlan, ServerOptimizer, aggregate, choose_units, clone_model, expand, extract, mask_units_,
-    plan_param_count, slice_state, tensor_index, unit_seed,
+    DropoutPlan, ServerOptimizer, aggregate, choose_units, expand, extract, plan_param_count, unit_seed,
 )
+from nemo_layerfx.models import clone_model
+from nemo_layerfx.surgery import mask_units_, slice_state, tensor_index
 from nemo_layerfx.train import model_class
 from nemo_layerfx.units import FD_KINDS, n_units
 

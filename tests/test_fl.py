@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import nemo_layerfx  # noqa: F401
-from nemo_layerfx.convert import restore
+from nemo_layerfx.models import restore
 from nemo_layerfx.fl.task import (
     FLConfig, check_run, load_checkpoint, pass_size, save_checkpoint, train_submodel,
 )
@@ -24,7 +24,8 @@ from nemo_layerfx.train import model_class
 pytestmark = pytest.mark.slow  # end-to-end: left out of `scripts/test.sh --fast`
 
 REPO = Path(__file__).resolve().parents[1]
-FAULTS = ["++faults={client0_round2: crash, client1_round1: nan, client2_round3: shape}"]
+FAULTS = ["++client_app=tests.fl_faults:make_client_app",  # the test-only client: ours with faults injected
+          "++client_options={faults: {client0_round2: crash, client1_round1: nan, client2_round3: shape}}"]
 
 
 @pytest.fixture
@@ -43,8 +44,11 @@ def fl_command(model: Path, corpus: Path, out: Path, rounds: int, *extra: str) -
             "server_lr=0.01", *extra]
 
 
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=ENV)
 
 
 def rows(out: Path) -> list[dict]:
@@ -85,7 +89,7 @@ def test_federated_run_drops_faulty_clients_and_a_killed_run_resumes_to_the_same
 
     # 2. the same run killed (SIGKILL, whole process group) once round 1 is checkpointed, then resumed
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(fl_command(global_nemo, corpus, killed, 3, *FAULTS), cwd=REPO, start_new_session=True,
+    proc = subprocess.Popen(fl_command(global_nemo, corpus, killed, 3, *FAULTS), cwd=REPO, env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -119,8 +123,12 @@ def test_bad_federated_inputs_fail_before_any_round(global_nemo, corpus, tmp_pat
         check_run(FLConfig(**base, plan={"type": "ambient", "n": 2, "rate": 0.5, "report": str(report)}))
     with pytest.raises(ValueError, match="num_clients=9, but .* has 4 client manifests"):
         check_run(FLConfig(**{**base, "num_clients": 9}))
-    with pytest.raises(ValueError, match="bad fault"):
-        FLConfig(**base, faults={"client0": "explode"})
+    with pytest.raises(ValueError, match="client_app='fl_faults': give module:function"):
+        FLConfig(**base, client_app="fl_faults")
+    from nemo_layerfx.fl.client_app import client_app_for
+
+    with pytest.raises(ValueError, match="client_app='no_such_module:app': cannot load it"):
+        client_app_for(FLConfig(**base, client_app="no_such_module:app"))
     with pytest.raises(ValueError, match=r"micro_batch_size=3 must divide batch_size=8 .*one of \[1, 2, 4, 8\]"):
         FLConfig(**base, micro_batch_size=3)
     with pytest.raises(ValueError, match="unknown aggregation rule 'median'"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from nemo_layerfx import fused_gn
-from nemo_layerfx.encoder import MaskedGroupNorm
+from nemo_layerfx.conv import MaskedGroupNorm
 
 CASES = Path(__file__).parent / "kernels" / "fused_gn_cases.py"
 needs_triton = pytest.mark.skipif(fused_gn.triton is None, reason="Triton is not installed (pip install triton)")

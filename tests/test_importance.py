@@ -9,16 +9,14 @@ import torch
 
 import nemo_layerfx  # noqa: F401
 from nemo.collections.asr.models import EncDecCTCModelBPE, EncDecRNNTBPEModel
+from nemo_layerfx.evaluate import audio_batches, batch_loss, decode, encode_prefix, read_manifest, run_layers, wer
 from nemo_layerfx.importance import (
-    ProbeConfig, audio_batches, decode, encode_prefix, fresh_draw, init_state, layer_snapshot, load_snapshot,
-    probe, probe_units, read_manifest, run_layers, save_snapshot, swapped, wer,
+    ProbeConfig, fresh_draw, init_state, layer_snapshot, load_snapshot, probe, probe_units, save_snapshot, swapped,
 )
 
 
 def naive_wer(model, manifest, module=None, state=None, with_loss=False):
     """Full forward of the whole model per batch (no caching), with ``module`` temporarily set to ``state``."""
-    from nemo_layerfx.importance import batch_loss
-
     rows = read_manifest(manifest)
     hyps, refs, loss = [], [], 0.0
     model.eval()
@@ -233,7 +231,8 @@ def test_spearman_and_compare_reports(tmp_path, capsys):
 def test_paired_bootstrap_interval_matches_a_plain_loop():
     import numpy as np
 
-    from nemo_layerfx.importance.stats import delta_interval, draw_spread, resamples
+    from nemo_layerfx.evaluate import resamples
+    from nemo_layerfx.importance.stats import delta_interval, draw_spread
 
     rng = np.random.default_rng(0)
     words = rng.integers(3, 9, size=40)

@@ -14,10 +14,6 @@ global model (``aggregate``, ``ServerOptimizer``).
 from nemo_layerfx.fd.aggregate import RULES, ServerOptimizer, aggregate, expand
 from nemo_layerfx.fd.extract import extract, plan_param_count
 from nemo_layerfx.fd.plan import MAPPINGS, RATE_KEYS, DropoutPlan, choose_units, unit_seed
-from nemo_layerfx.models import clone_model  # noqa: F401  (re-exported: the pre-0.2 import path)
-from nemo_layerfx.surgery import (  # noqa: F401
-    Units, mask_units_, slice_state, submodel_widths, tensor_index, units_from_lists, units_to_lists,
-)
 
 __all__ = ["DropoutPlan", "MAPPINGS", "RATE_KEYS", "RULES", "ServerOptimizer", "aggregate", "choose_units",
-           "expand", "extract", "mask_units_", "plan_param_count", "unit_seed"]
+           "expand", "extract", "plan_param_count", "unit_seed"]

@@ -19,7 +19,7 @@ def simulate(cfg: FLConfig) -> dict:
         from flwr.simulation import run_simulation
     except ImportError as e:  # the core needs no Flower; federated runs do
         raise ImportError("federated runs need Flower: pip install 'nemo_layerfx[federated]'") from e
-    from nemo_layerfx.fl.client_app import make_client_app
+    from nemo_layerfx.fl.client_app import client_app_for
     from nemo_layerfx.fl.server_app import make_server_app
     from nemo_layerfx.fl.task import check_run, client_manifests, read_metrics
 
@@ -29,7 +29,7 @@ def simulate(cfg: FLConfig) -> dict:
     check_run(cfg)
     n = len(client_manifests(cfg))
     gpu = cfg.accelerator not in ("cpu",)
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg), num_supernodes=n,
+    run_simulation(server_app=make_server_app(cfg), client_app=client_app_for(cfg), num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 1.0 if gpu else 0.0},
                                    "init_args": {"num_cpus": os.cpu_count() or 1}})
     out = Path(cfg.out)

@@ -20,9 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from nemo_layerfx.fd import (
-    ServerOptimizer, aggregate, choose_units, plan_param_count, slice_state, tensor_index, unit_seed, units_to_lists,
-)
+from nemo_layerfx.fd import ServerOptimizer, aggregate, choose_units, plan_param_count, unit_seed
+from nemo_layerfx.surgery import slice_state, tensor_index, units_to_lists
 from nemo_layerfx.evaluate import evaluate_wer
 from nemo_layerfx.fl.task import FLConfig, base_model, load_checkpoint, log, make_plan, save_checkpoint
 

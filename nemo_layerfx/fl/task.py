@@ -10,19 +10,15 @@ import json
 import logging
 import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nemo_layerfx.evaluate import evaluate_wer  # noqa: F401  (old import path)
 from nemo_layerfx.fd import DropoutPlan
 
 log = logging.getLogger("nemo_layerfx.fl")
-FAULTS = ("crash", "nan", "shape")
-FAULT_KEY = re.compile(r"client(\d+)(_round\d+)?")
 
 
 @dataclass
@@ -65,7 +61,10 @@ class FLConfig:
     dev_max_utterances: int | None = None
     accelerator: str = "cpu"  # clients' Lightning accelerator
     client_cpus: float = 1.0  # simulation: CPU cores per client actor (2 clients train at once on 2 cores)
-    faults: dict[str, str] = field(default_factory=dict)  # testing: client<i>[_round<r>] -> crash | nan | shape
+    # another ClientApp for the simulation: "module:function" building it from this config (e.g. the test suite's
+    # fault-injecting client, tests/fl_faults.py); "" is ours. ``client_options`` are for it, free-form.
+    client_app: str = ""
+    client_options: dict[str, Any] = field(default_factory=dict)
     resume: bool = True  # continue from out/checkpoint.pt when it exists
 
     def __post_init__(self) -> None:
@@ -78,16 +77,9 @@ class FLConfig:
                              f"null for one pass")
         if self.client_lr <= 0:
             raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
-        # YAML reads an unquoted nan as a float
-        self.faults = {str(k): "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in self.faults.items()}
-        bad = {k: v for k, v in self.faults.items() if v not in FAULTS or not FAULT_KEY.fullmatch(k)}
-        if bad:
-            raise ValueError(f"bad fault(s) {bad}: keys are client<i> or client<i>_round<r>, values "
-                             f"{', '.join(FAULTS)}")
-
-    def fault(self, client: int, server_round: int) -> str | None:
-        """The fault configured for this client in this round (testing the server's fault handling)."""
-        return self.faults.get(f"client{client}_round{server_round}", self.faults.get(f"client{client}"))
+        if self.client_app and (self.client_app.count(":") != 1 or not all(self.client_app.split(":"))):
+            raise ValueError(f"client_app={self.client_app!r}: give module:function (a function that builds a "
+                             f"Flower ClientApp from an FLConfig), or leave it empty for ours")
 
     @classmethod
     def from_mapping(cls, d: Any) -> FLConfig:
@@ -101,7 +93,7 @@ class FLConfig:
                                  f"{' '.join(m + '=...' for m in missing)})")
             d = OmegaConf.to_container(d, resolve=True)
         d = {k.replace("-", "_"): v for k, v in dict(d).items()}
-        for k in ("plan", "faults"):
+        for k in ("plan", "client_options"):
             if isinstance(d.get(k), str):  # Flower run configs are flat: nested values travel as JSON
                 d[k] = json.loads(d[k])
         known = set(cls.__dataclass_fields__)
@@ -149,8 +141,9 @@ def make_plan(cfg: FLConfig, n_layers: int) -> DropoutPlan:
     return plan
 
 
-def check_run(cfg: FLConfig) -> None:
-    """Every input of a run checked before any round starts: model, plan (and its report), corpus, rule, optimizer."""
+def check_run(cfg: FLConfig) -> int:
+    """Every input of a run checked before any round starts: model, plan (and its report), corpus, rule, optimizer;
+    returns the number of clients."""
     from nemo_layerfx.fd import RULES, ServerOptimizer, choose_units
     from nemo_layerfx.models import conformer_encoder
 
@@ -165,9 +158,7 @@ def check_run(cfg: FLConfig) -> None:
     if cfg.rule not in RULES:
         raise ValueError(f"unknown aggregation rule {cfg.rule!r}; choose zero_fill or coverage")
     ServerOptimizer(cfg.server_opt, lr=cfg.server_lr)
-    for key in cfg.faults:
-        if int(FAULT_KEY.fullmatch(key).group(1)) >= len(clients):
-            raise ValueError(f"fault for client {key} but the run has {len(clients)} clients")
+    return len(clients)
 
 
 @functools.lru_cache(maxsize=2)

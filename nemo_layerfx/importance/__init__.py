@@ -5,13 +5,9 @@
 
 Modules: ``resets`` (snapshots, fresh draws, exact restore, churn), ``probe`` (the probe and its report),
 ``compare`` (agreement across reports), ``plot`` and ``callback`` (``LayerImportanceCallback``). The evaluation
-helpers it is built on live in the core (``nemo_layerfx.evaluate``) and are re-exported here for old imports.
+helpers it is built on live in the core (``nemo_layerfx.evaluate``).
 """
 
-from nemo_layerfx.evaluate import (  # noqa: F401  (re-exported: the pre-0.2 import paths)
-    Prefix, _Prefix, _token_ids, audio_batches, batch_loss, decode, encode_prefix, read_manifest, run_layers,
-    token_ids, wer,
-)
 from nemo_layerfx.importance.compare import compare_reports, spearman
 from nemo_layerfx.importance.plot import plot_history, plot_report
 from nemo_layerfx.importance.probe import (
@@ -21,7 +17,6 @@ from nemo_layerfx.importance.resets import (
     check_snapshot, churn, fresh_draw, init_state, layer_snapshot, load_snapshot, probe_units,
     save_snapshot, swapped,
 )
-from nemo_layerfx.models import conformer_encoder  # noqa: F401
 
 __all__ = ["MODES", "UNITS", "ProbeConfig", "ProbeReport", "ambient_units", "check_snapshot",
            "churn", "compare_reports", "fresh_draw", "init_state", "layer_snapshot", "load_snapshot", "plot_history",

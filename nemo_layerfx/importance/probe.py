@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from nemo_layerfx.evaluate import (
-    Prefix, audio_batches, batch_loss, decode, encode_prefix, output_from, read_manifest, wer,
+    Prefix, audio_batches, batch_loss, decode, encode_prefix, error_counts, output_from, read_manifest, resamples, wer,
 )
 from nemo_layerfx.importance.compare import spearman
-from nemo_layerfx.importance.stats import delta_interval, draw_spread, error_counts, resamples
+from nemo_layerfx.importance.stats import delta_interval, draw_spread
 from nemo_layerfx.importance.resets import (
     check_snapshot, churn, fresh_draw, init_state, load_snapshot, probe_units, probed_encoder, swapped,
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from nemo_layerfx.evaluate import error_counts, resamples  # noqa: F401  (core: layerfx eval uses them too)
 
 
 def delta_interval(base: np.ndarray, words: np.ndarray, variant: np.ndarray, idx: np.ndarray,

@@ -96,7 +96,7 @@ def test_whole_encoder_with_per_layer_widths_matches_the_reference_path():
 
 
 def test_fused_path_is_padding_exact():
-    from nemo_layerfx.encoder import MaskedGroupNorm
+    from nemo_layerfx.conv import MaskedGroupNorm
 
     norm = MaskedGroupNorm(4, 16).to(DEVICE)
     x, pad, _, _ = inputs(16, [50, 31])
