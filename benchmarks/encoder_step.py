@@ -28,7 +28,7 @@ import torch
 import nemo_layerfx
 from nemo.collections.asr.modules import ConformerEncoder
 from nemo_layerfx.encoder import GroupNormConformerEncoder, lean_modules_
-from nemo_layerfx.fused_gn import fused_group_norm, use_fused
+from nemo_layerfx.encoder.fused_gn import fused_group_norm, use_fused
 
 
 def build(cls, norm: str, args, device):

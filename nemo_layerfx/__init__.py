@@ -1,10 +1,10 @@
 """nemo_layerfx: cheaper Conformer ASR training in NeMo by exploiting how unequal its layers are.
 
 Importing the package registers it with NeMo (``_target_`` allow-list, adapter registry) and registers the
-encoder options of the capability subpackages (``low_rank``, ``depth_sampling``, ``adaptive_dropout``), so configs and ``.nemo`` files that name
-``nemo_layerfx.*`` classes build and restore.
+encoder options of the capability subpackages (``low_rank``, ``depth_sampling``, ``adaptive_dropout``), so configs
+and ``.nemo`` files that name ``nemo_layerfx.*`` classes build and restore.
 
-Layout: the core (``encoder``, ``units``, ``surgery``, ``models``, ``evaluate``, ``memory``, ``registration``,
+Layout: the core (``encoder`` with its modules, ``units``, ``surgery``, ``models``, ``evaluate``, ``memory``, ``registration``,
 ``train``) and one subpackage per capability: ``importance``, ``fd`` (federated dropout), ``fl`` (Flower apps,
 optional), ``lowrank``, ``depth``, ``pruning``. Capabilities import the core, not each other.
 """
@@ -40,9 +40,9 @@ from nemo_layerfx.pruning import AdaptiveDropout, prune, survival_report  # noqa
 from nemo_layerfx.models import clone_model, conformer_encoder, restore  # noqa: E402
 from nemo_layerfx.memory import training_memory  # noqa: E402
 from nemo_layerfx.units import UNIT_MAP  # noqa: E402
-from nemo_layerfx.fused_gn import fused_group_norm  # noqa: E402
+from nemo_layerfx.encoder.fused_gn import fused_group_norm  # noqa: E402
 from nemo_layerfx.encoder import GroupNormConformerEncoder, stock_encoder_config  # noqa: E402
-from nemo_layerfx.conv import MaskedConformerConvolution, MaskedGroupNorm  # noqa: E402
+from nemo_layerfx.encoder.conv import MaskedConformerConvolution, MaskedGroupNorm  # noqa: E402
 
 __version__ = "0.2.0"
 

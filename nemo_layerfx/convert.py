@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from nemo_layerfx.conv import STOCK_ENCODER_TARGET
+from nemo_layerfx.encoder.conv import STOCK_ENCODER_TARGET
 from nemo_layerfx.encoder import ENCODER_TARGET
 from nemo_layerfx.models import check_output, load_config, restore, save_nemo
 

@@ -210,7 +210,7 @@ def per_head(layer: nn.Module, kind: str, units: torch.Tensor) -> list[int]:
 def check_sliceable(encoder: nn.Module, conv_units: bool = True) -> None:
     """Fail unless every layer is a dense, unshared Conformer layer whose conv norm is our group-wise GroupNorm
     (``conv_units=False``: any conv norm, for a surgery that keeps every conv channel)."""
-    from nemo_layerfx.conv import MaskedConformerConvolution
+    from nemo_layerfx.encoder.conv import MaskedConformerConvolution
 
     if getattr(encoder, "share_layers", None) is not None:
         raise ValueError(f"the encoder shares parameters between layers (share_layers={encoder.share_layers}); units "

@@ -11,7 +11,7 @@ from nemo.collections.asr.parts.submodules.multi_head_attention import (
     RelPositionalEncoding,
 )
 
-from nemo_layerfx.attention import LeanRelPositionMultiHeadAttention, RaggedMultiHeadAttention, rel_shift
+from nemo_layerfx.encoder.attention import LeanRelPositionMultiHeadAttention, RaggedMultiHeadAttention, rel_shift
 from nemo_layerfx.encoder import GroupNormConformerEncoder
 
 D, H = 32, 4
@@ -227,7 +227,7 @@ def test_inference_weights_are_kept_between_calls_and_follow_swapped_parameters(
     the next call."""
     from torch import nn
 
-    from nemo_layerfx.inference import inference_cache
+    from nemo_layerfx.encoder.inference import inference_cache
 
     qk_dims, v_dims = [8, 2, 5, 1], [1, 8, 3, 6]
     ref, rag = _pair(qk_dims, v_dims)
@@ -270,7 +270,7 @@ def test_inference_masking_by_addition_equals_nemos_masked_fill_bit_for_bit(cont
     """CPU inference masks the scores by adding -INF_VAL (``additive_mask``) and zeroes the rows of padded query
     frames afterwards; NeMo fills before and after the softmax. Same numbers bit for bit, with padded frames and
     limited attention contexts; the additive form kept for one mask tensor follows an in-place change of it."""
-    from nemo_layerfx.attention import attend
+    from nemo_layerfx.encoder.attention import attend
 
     torch.manual_seed(0)
     b, h, t = 3, 4, 13
@@ -305,7 +305,7 @@ def test_importing_the_package_installs_no_process_wide_hooks():
         "import torch, nemo_layerfx\n"
         "from torch.optim import optimizer\n"
         "from torch.nn.modules import module\n"
-        "from nemo_layerfx import inference\n"
+        "from nemo_layerfx.encoder import inference\n"
         "before = (len(optimizer._global_optimizer_post_hooks), len(module._global_parameter_registration_hooks),"
         " inference.watching())\n"
         "enc = nemo_layerfx.GroupNormConformerEncoder(feat_in=16, n_layers=1, d_model=32, n_heads=4,"

@@ -7,7 +7,7 @@ import torch
 
 import nemo_layerfx  # noqa: F401  (registers the plugin)
 from nemo.collections.asr.modules import ConformerEncoder
-from nemo_layerfx.conv import MaskedGroupNorm
+from nemo_layerfx.encoder.conv import MaskedGroupNorm
 from nemo_layerfx.encoder import GroupNormConformerEncoder
 
 SMALL = dict(feat_in=80, n_layers=2, d_model=64, n_heads=4, conv_kernel_size=15, subsampling="dw_striding",
@@ -63,7 +63,7 @@ def test_masked_group_norm_matches_group_norm_on_valid_frames():
 @pytest.mark.unit
 def test_masked_group_norm_gradient_is_exact():
     """The hand-written backward against finite differences (float64), padding included."""
-    from nemo_layerfx.conv import _MaskedGroupNormFn
+    from nemo_layerfx.encoder.conv import _MaskedGroupNormFn
 
     torch.manual_seed(0)
     x = torch.randn(3, 8, 11, dtype=torch.double, requires_grad=True)
@@ -79,7 +79,7 @@ def test_masked_group_norm_inference_path_equals_the_training_path():
     """Without gradients the norm skips autograd's bookkeeping (``conv._masked_group_norm``) and reuses the
     valid-frame counts of the last mask (``valid_frames``): the same numbers bit for bit, and a mask changed in place
     or a new mask is not answered from the kept counts."""
-    from nemo_layerfx.conv import valid_frames
+    from nemo_layerfx.encoder.conv import valid_frames
 
     torch.manual_seed(0)
     norm = MaskedGroupNorm(4, 16)
@@ -110,7 +110,7 @@ def test_conv_module_time_major_inference_matches_the_training_path(context, aff
     """CPU inference runs the conv module time-major (channels-last depthwise convolution, GroupNorm over (B, T, G,
     C/G) views): the training path's outputs within float rounding, for symmetric and causal (asymmetric) contexts
     and a norm without affine parameters; padded frames still do not leak into the valid ones."""
-    from nemo_layerfx.conv import MaskedConformerConvolution
+    from nemo_layerfx.encoder.conv import MaskedConformerConvolution
 
     torch.manual_seed(0)
     conv = MaskedConformerConvolution(d_model=24, kernel_size=5, num_groups=4, channels=16, conv_context_size=context)
@@ -137,7 +137,7 @@ def test_conv_module_time_major_inference_matches_the_training_path(context, aff
 def test_pointwise_conv_as_a_matrix_product_equals_the_convolution():
     """``conv.pointwise`` (a GEMM on a CPU) computes the kernel-1 Conv1d's outputs and gradients, so the conv module's
     pointwise convs keep their Conv1d weights, names and meaning (checkpoints, the unit map, gates, low rank)."""
-    from nemo_layerfx.conv import pointwise
+    from nemo_layerfx.encoder.conv import pointwise
 
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(24, 40, 1)
@@ -161,7 +161,7 @@ def test_lean_front_end_matches_nemos(subsampling):
     outputs within float rounding, padded frames still exactly zero before the output projection."""
     from nemo.collections.asr.parts.submodules.subsampling import MaskedConvSequential
 
-    from nemo_layerfx.subsampling import LeanMaskedConvSequential
+    from nemo_layerfx.encoder.subsampling import LeanMaskedConvSequential
 
     enc = build(GroupNormConformerEncoder, subsampling=subsampling)
     assert type(enc.pre_encode.conv) is LeanMaskedConvSequential
@@ -197,7 +197,7 @@ def test_lean_blocks_match_nemos_bit_for_bit(dropout):
     written."""
     from nemo.collections.asr.parts.submodules.conformer_modules import ConformerFeedForward, ConformerLayer
 
-    from nemo_layerfx.layer import LeanConformerFeedForward, LeanConformerLayer
+    from nemo_layerfx.encoder.layer import LeanConformerFeedForward, LeanConformerLayer
 
     enc = build(GroupNormConformerEncoder, dropout=dropout, dropout_att=dropout, ff_hidden=[[48, 0], 64])
     assert all(type(layer) is LeanConformerLayer and type(layer.feed_forward1) is LeanConformerFeedForward

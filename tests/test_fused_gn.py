@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_layerfx import fused_gn
-from nemo_layerfx.conv import MaskedGroupNorm
+from nemo_layerfx.encoder import fused_gn
+from nemo_layerfx.encoder.conv import MaskedGroupNorm
 
 CASES = Path(__file__).parent / "kernels" / "fused_gn_cases.py"
 needs_triton = pytest.mark.skipif(fused_gn.triton is None, reason="Triton is not installed (pip install triton)")
@@ -56,7 +56,7 @@ def test_bad_modes_and_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="mode must be one of"):
         with fused_gn.fused_group_norm("fast"):
             pass
-    r = subprocess.run([sys.executable, "-c", "import nemo_layerfx.fused_gn"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", "import nemo_layerfx.encoder.fused_gn"], capture_output=True, text=True,
                        env={**os.environ, "LAYERFX_FUSED_GN": "yes"})
     assert r.returncode != 0 and "LAYERFX_FUSED_GN must be one of" in r.stderr
     if fused_gn.triton is not None and not fused_gn.interpreting():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nemo_layerfx.conv import pointwise
+from nemo_layerfx.encoder.conv import pointwise
 
 INITS = ("svd", "kaiming")
 

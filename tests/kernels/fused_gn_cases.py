@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_layerfx import fused_gn
-from nemo_layerfx.conv import _MaskedGroupNormFn, valid_frames
+from nemo_layerfx.encoder import fused_gn
+from nemo_layerfx.encoder.conv import _MaskedGroupNormFn, valid_frames
 
 DEVICE = "cuda" if torch.cuda.is_available() and not fused_gn.interpreting() else "cpu"
 if DEVICE == "cpu" and not fused_gn.interpreting():
@@ -96,7 +96,7 @@ def test_whole_encoder_with_per_layer_widths_matches_the_reference_path():
 
 
 def test_fused_path_is_padding_exact():
-    from nemo_layerfx.conv import MaskedGroupNorm
+    from nemo_layerfx.encoder.conv import MaskedGroupNorm
 
     norm = MaskedGroupNorm(4, 16).to(DEVICE)
     x, pad, _, _ = inputs(16, [50, 31])

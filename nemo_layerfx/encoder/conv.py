@@ -24,7 +24,7 @@ from nemo.collections.asr.parts.submodules.causal_convs import CausalConv1D
 from nemo.collections.asr.parts.utils.activations import Swish
 from torch import nn
 
-from nemo_layerfx import fused_gn
+import nemo_layerfx.encoder.fused_gn as fused_gn
 
 STOCK_ENCODER_TARGET = "nemo.collections.asr.modules.ConformerEncoder"
 _GROUP_NORM = re.compile(r"^group_norm(\d+)$")

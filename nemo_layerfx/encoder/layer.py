@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from nemo.collections.asr.parts.submodules.conformer_modules import ConformerFeedForward, ConformerLayer
 from torch import nn
 
-from nemo_layerfx.conv import activate
-from nemo_layerfx.inference import KeptInferenceWeights, inference_cache
+from nemo_layerfx.encoder.conv import activate
+from nemo_layerfx.encoder.inference import KeptInferenceWeights, inference_cache
 
 
 class LeanConformerFeedForward(KeptInferenceWeights, ConformerFeedForward):

@@ -25,7 +25,7 @@ from nemo.collections.asr.parts.submodules.multi_head_attention import INF_VAL, 
 from nemo.utils import avoid_float16_autocast_context
 from torch import nn
 
-from nemo_layerfx.inference import KeptInferenceWeights, inference_cache
+from nemo_layerfx.encoder.inference import KeptInferenceWeights, inference_cache
 
 
 def rel_shift(x: torch.Tensor) -> torch.Tensor:

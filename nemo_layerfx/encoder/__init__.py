@@ -34,10 +34,10 @@ from nemo.collections.asr.parts.submodules.multi_head_attention import (
 from nemo.collections.asr.parts.submodules.subsampling import MaskedConvSequential
 from torch import nn
 
-from nemo_layerfx.attention import LeanRelPositionMultiHeadAttention, RaggedMultiHeadAttention
-from nemo_layerfx.conv import STOCK_ENCODER_TARGET, MaskedConformerConvolution, parse_num_groups
-from nemo_layerfx.layer import lean_layer_
-from nemo_layerfx.subsampling import LeanMaskedConvSequential
+from nemo_layerfx.encoder.attention import LeanRelPositionMultiHeadAttention, RaggedMultiHeadAttention
+from nemo_layerfx.encoder.conv import STOCK_ENCODER_TARGET, MaskedConformerConvolution, parse_num_groups
+from nemo_layerfx.encoder.layer import lean_layer_
+from nemo_layerfx.encoder.subsampling import LeanMaskedConvSequential
 
 ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
 # Keys our encoder adds to NeMo's signature; stock NeMo rejects them, so they are dropped when exporting.
