@@ -50,14 +50,11 @@ def _convert_norm(args: argparse.Namespace) -> int:
 
 def _probe(args: argparse.Namespace) -> int:
     from nemo_layerfx.evaluate import read_manifest
-    from nemo_layerfx.importance import ProbeConfig, plot_report, probe
+    from nemo_layerfx.importance import plot_report, probe
     from nemo_layerfx.models import restore
+    from nemo_layerfx_cli import probe_config
 
-    modes = ("reinit", "rerand") if args.mode == "both" else (args.mode,)
-    cfg = ProbeConfig(modes=modes, unit=args.unit, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
-                      max_utterances=args.max_utterances, rule=args.rule, ambient_rel_threshold=args.threshold,
-                      n_ambient=args.n_ambient, batch_variants=args.batch_variants, bootstrap=args.bootstrap,
-                      ci_level=args.ci_level)
+    cfg = probe_config(args)
     read_manifest(args.manifest, args.max_utterances)  # a bad manifest is named before the model loads
     model = restore(args.model)
     if args.device:
@@ -130,11 +127,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _lowrank(args: argparse.Namespace) -> int:
-    from nemo_layerfx.lowrank import LowRankConfig, lowrank_file, parse_spec
+    from nemo_layerfx.lowrank import lowrank_file
+    from nemo_layerfx_cli import lowrank_config
 
-    config = LowRankConfig(att=parse_spec(args.att), ffn=parse_spec(args.ffn), conv=parse_spec(args.conv),
-                           multiple_of=args.multiple_of)
-    report = lowrank_file(args.input, args.output, config)
+    report = lowrank_file(args.input, args.output, lowrank_config(args))
     for line in report.lines():
         print(line)
     print(f"wrote {args.output} (input {args.input} unchanged)")

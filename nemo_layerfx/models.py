@@ -5,7 +5,6 @@ Capabilities (importance, federated dropout, depth, pruning, low rank) import th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import tempfile
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from nemo_layerfx.quiet import without_nemo_warnings
 
 
 def conformer_encoder(model: nn.Module) -> nn.Module:
@@ -93,28 +94,6 @@ def load_config(path: str | os.PathLike) -> Any:
 # data loaders: true of every restored model and of configs with no test set, and only noise to our users.
 NO_DATA_WARNINGS = ("If you intend to do", "Please call the ModelPT.setup_",
                     "Could not load dataset as `manifest_filepath` was None")
-
-
-class _DropMessages:
-    def __init__(self, fragments: tuple[str, ...]):
-        self.fragments = fragments
-
-    def filter(self, record) -> bool:
-        message = record.getMessage()
-        return not any(f in message for f in self.fragments)
-
-
-@contextlib.contextmanager
-def without_nemo_warnings(*fragments: str):
-    """Drop NeMo log records containing any of ``fragments`` inside the block (all other records pass)."""
-    import logging
-
-    logger, drop = logging.getLogger("nemo_logger"), _DropMessages(fragments)
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
 
 
 def restore(path: str | os.PathLike, override_config: Any = None, strict: bool = True):

@@ -7,6 +7,7 @@ writes NeMo's to the experiment folder (``nemo_layerfx.train.log_to_file``).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -15,6 +16,13 @@ import os
 # Lightning's packages set their loggers to INFO when imported, and the standalone pytorch_lightning (which other
 # packages import) takes over Lightning's rank-zero messages: they are imported first, so that our levels stay.
 LIGHTNING = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+
+
+def quiet_telemetry() -> None:
+    """NeMo 3.0 imports NVIDIA's OneLogger telemetry, which warns on every import that it is disabled and collects
+    nothing ("OneLogger: Setting error_handling_strategy…", "No exporters were provided…"): noise, not
+    information. Set once, when the package is imported."""
+    logging.getLogger("nv_one_logger").setLevel(logging.ERROR)
 
 
 def quiet_console(verbose: bool = False, child_processes: bool = False) -> None:
@@ -39,3 +47,23 @@ def quiet_console(verbose: bool = False, child_processes: bool = False) -> None:
         handler = nemo_logging._handlers.get(name)
         if handler is not None:
             handler.setLevel(logging.WARNING)
+
+
+class _DropMessages:
+    def __init__(self, fragments: tuple[str, ...]):
+        self.fragments = fragments
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+@contextlib.contextmanager
+def without_nemo_warnings(*fragments: str):
+    """Drop NeMo log records containing any of ``fragments`` inside the block (all other records pass)."""
+    logger, drop = logging.getLogger("nemo_logger"), _DropMessages(fragments)
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)

@@ -21,7 +21,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from nemo_layerfx.models import NO_DATA_WARNINGS, without_nemo_warnings
+from nemo_layerfx.models import NO_DATA_WARNINGS
+from nemo_layerfx.quiet import without_nemo_warnings
 from nemo_layerfx.registration import register
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")

@@ -196,20 +196,53 @@ def _distinct(src: str, dst: str) -> None:
         raise ValueError(f"refusing to overwrite the input model {src}; give a different output path")
 
 
-def _spec(text: str | None, flag: str) -> None:
-    if text is None:
-        return
+# config field -> the flag that sets it, so a config class's own check can name the flag
+PROBE_FLAGS = {"draws": "--draws", "ambient_rel_threshold": "--threshold", "batch_size": "--batch-size",
+               "batch_variants": "--batch-variants", "rule": "--rule", "n_ambient": "--n-ambient",
+               "bootstrap": "--bootstrap", "ci_level": "--ci-level", "max_utterances": "--max-utterances",
+               "unit": "--unit", "modes": "--mode"}
+
+
+def _flag_error(e: ValueError, flags: dict[str, str], args: argparse.Namespace) -> ValueError:
+    """The config's own error, led by the flag (and value) that set the field it names."""
+    field = getattr(e, "field", None)
+    if field not in flags:
+        return e
+    flag = flags[field]
+    return ValueError(f"{flag} {getattr(args, flag[2:].replace('-', '_'), '')}: {e}")
+
+
+def probe_config(args: argparse.Namespace):
+    """``ProbeConfig`` from ``layerfx probe``'s flags, checked by the class itself (imports neither NeMo nor
+    torch)."""
+    from nemo_layerfx.importance.config import ProbeConfig
+
+    modes = ("reinit", "rerand") if args.mode == "both" else (args.mode,)
     try:
-        if text.startswith("r:"):
-            ranks = [int(v) for v in text[2:].split(",")]
-            if min(ranks) < 1:
-                raise ValueError
-            return
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} {text}: use A (uniform α), A_I,A_F (ramp) or r:R0,R1,... (ranks >= 1)") from None
-    if len(values) > 2 or not all(0.0 < v <= 1.0 for v in values):
-        raise ValueError(f"{flag} {text}: α values must be in (0, 1], one (uniform) or two (ramp)")
+        return ProbeConfig(modes=modes, unit=args.unit, draws=args.draws, seed=args.seed, batch_size=args.batch_size,
+                           max_utterances=args.max_utterances, rule=args.rule, ambient_rel_threshold=args.threshold,
+                           n_ambient=args.n_ambient, batch_variants=args.batch_variants, bootstrap=args.bootstrap,
+                           ci_level=args.ci_level)
+    except ValueError as e:
+        raise _flag_error(e, PROBE_FLAGS, args) from None
+
+
+def lowrank_config(args: argparse.Namespace):
+    """``LowRankConfig`` from ``layerfx lowrank``'s flags (skipping factorizations that save nothing), each spec
+    read and checked by the config module itself."""
+    from nemo_layerfx.lowrank.config import GROUPS, LowRankConfig, check_spec, parse_spec
+
+    specs = {}
+    for group in GROUPS:
+        text = getattr(args, group)
+        try:
+            specs[group] = check_spec(group, parse_spec(text))
+        except ValueError as e:
+            raise ValueError(f"--{group} {text}: {e}") from None
+    try:
+        return LowRankConfig(**specs, multiple_of=args.multiple_of, only_if_smaller=True)
+    except ValueError as e:
+        raise _flag_error(e, {"multiple_of": "--multiple-of"}, args) from None
 
 
 def _federated_configs() -> list[str]:
@@ -239,7 +272,7 @@ def check_args(args: argparse.Namespace) -> None:
     if cmd in ("probe", "depth-sweep", "eval"):
         _at_least("--max-utterances", args.max_utterances)
         _at_least("--batch-size", args.batch_size)
-    if cmd in ("probe", "eval") and not 0.0 < args.ci_level < 1.0:
+    if cmd == "eval" and not 0.0 < args.ci_level < 1.0:
         raise ValueError(f"--ci-level {args.ci_level}: must be in (0, 1)")
     if cmd == "eval":
         _need_file(args.model, "model")
@@ -253,18 +286,14 @@ def check_args(args: argparse.Namespace) -> None:
                              f"start); a pretrained .nemo does not carry its initial weights, so use --mode rerand")
         if args.init is not None:
             _need_file(args.init, "--init")
-        _at_least("--draws", args.draws)
-        _at_least("--batch-variants", args.batch_variants)
-        if args.threshold < 0:
-            raise ValueError(f"--threshold {args.threshold}: must be >= 0")
-        if args.rule == "ci" and args.bootstrap < 1:
-            raise ValueError(f"--rule ci needs --bootstrap >= 1, got {args.bootstrap}")
+        probe_config(args)
     elif cmd == "extract":
         _need_file(args.model, "model")
         _distinct(args.model, args.output)
+        from nemo_layerfx.fd.plan import check_rate  # DropoutPlan's own rule
+
         for flag, rate in (("--rate", args.rate), ("--base-rate", args.base_rate)):
-            if not 0.0 <= rate < 1.0:
-                raise ValueError(f"{flag} {rate}: a dropout rate is the fraction of units dropped, in [0, 1)")
+            check_rate(rate, flag)
         if args.report is not None:
             _need_file(args.report, "--report")
             if args.n < 1:
@@ -282,12 +311,9 @@ def check_args(args: argparse.Namespace) -> None:
         if cmd == "convert-norm":
             _at_least("--groups", args.groups)
         if cmd == "lowrank":
-            for flag in ("--att", "--ffn", "--conv"):
-                _spec(getattr(args, flag[2:]), flag)
             if args.att is None and args.ffn is None and args.conv is None:
                 raise ValueError("give at least one of --att, --ffn, --conv (e.g. --att 0.1,0.2 --ffn 0.2,0.5)")
-            if args.multiple_of < 1:
-                raise ValueError(f"--multiple-of {args.multiple_of}: must be >= 1")
+            lowrank_config(args)
     elif cmd == "fl":
         name = args.config_name
         if name.endswith((".yaml", ".yml")):

@@ -45,13 +45,19 @@ def test_every_option_of_every_command_is_explained_with_an_example():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("argv, message", [
-    (["extract", "{model}", "out.nemo", "--rate", "1.5"], "--rate 1.5: a dropout rate is the fraction of units dropped"),
+    (["extract", "{model}", "out.nemo", "--rate", "1.5"], "--rate is 1.5; a dropout rate is the fraction of units dropped"),
     (["extract", "{model}", "{model}"], "refusing to overwrite the input model"),
     (["extract", "missing.nemo", "out.nemo"], "model missing.nemo: no such file"),
     (["probe", "{model}", "--manifest", "nope.json"], "--manifest nope.json: no such file"),
     (["probe", "{model}", "--manifest", "{model}", "--mode", "reinit"], "--mode reinit needs --init"),
-    (["probe", "{model}", "--manifest", "{model}", "--draws", "0"], "--draws 0: must be >= 1"),
-    (["lowrank", "{model}", "out.nemo", "--att", "0.1,x"], "--att 0.1,x: use A (uniform α)"),
+    (["probe", "{model}", "--manifest", "{model}", "--draws", "0"], "--draws 0: draws must be >= 1, got 0"),
+    (["probe", "{model}", "--manifest", "{model}", "--ci-level", "1.5"], "--ci-level 1.5: ci_level must be in (0, 1)"),
+    (["probe", "{model}", "--manifest", "{model}", "--rule", "ci", "--bootstrap", "0"],
+     "--bootstrap 0: rule ci needs bootstrap >= 1"),
+    (["probe", "{model}", "--manifest", "{model}", "--threshold", "-1"], "--threshold -1.0: ambient_rel_threshold must be"),
+    (["lowrank", "{model}", "out.nemo", "--att", "0.1,x"], "--att 0.1,x: cannot read the rank spec '0.1,x'"),
+    (["lowrank", "{model}", "out.nemo", "--att", "r:0"], "--att r:0: low_rank.att.ranks must be integers >= 1"),
+    (["lowrank", "{model}", "out.nemo", "--ffn", "0.5", "--multiple-of", "0"], "--multiple-of 0: low_rank multiple_of"),
     (["make-corpus", "--out", "x", "--n", "0"], "--n 0: must be >= 1"),
     (["make-corpus", "--out", "x", "--dev-frac", "1.2"], "--dev-frac 1.2: a fraction of the sentences, in [0, 1)"),
     (["make-corpus", "--out", "x", "--dev-frac", "0.5", "--test-frac", "0.5"], "leave no training sentences"),

@@ -179,7 +179,8 @@ def test_submodel_trains_with_nemo_and_round_trips_as_nemo(tiny_cfg, corpus, tmp
 
 @pytest.mark.integration
 def test_bad_plans_and_models_are_rejected(ctc, tiny_cfg):
-    with pytest.raises(ValueError, match=r"ffn rate for layers.1 is 1.0; rates are fractions dropped, in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"ffn rate for layers.1 is 1.0; a dropout rate is the fraction of units "
+                                         r"dropped, in \[0, 1\)"):
         DropoutPlan({"ffn": [0.5, 1.0, 0.0]})
     with pytest.raises(ValueError, match="rate for layers.0 is -0.1"):
         DropoutPlan.flat(3, -0.1)

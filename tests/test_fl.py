@@ -115,7 +115,7 @@ def test_bad_federated_inputs_fail_before_any_round(global_nemo, corpus, tmp_pat
     base = dict(model=str(global_nemo), corpus=str(corpus), out=str(tmp_path / "out"), num_clients=2)
     with pytest.raises(FileNotFoundError, match="no such global model"):
         check_run(FLConfig(**{**base, "model": str(tmp_path / "missing.nemo")}))
-    with pytest.raises(ValueError, match=r"flat rate|rates are fractions dropped, in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"flat rate|a dropout rate is the fraction of units dropped, in \[0, 1\)"):
         check_run(FLConfig(**base, plan={"type": "flat", "rate": 1.0, "kinds": ["ffn"]}))
     report = tmp_path / "probe.json"
     report.write_text(json.dumps({"units": [f"layers.{i}" for i in range(5)], "delta_wer": {"rerand": [0.1] * 5}}))

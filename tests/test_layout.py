@@ -24,11 +24,16 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
-    """The package modules ``path`` imports (at module level or inside functions), resolved to known modules."""
+    """The package modules ``path`` imports (at module level or inside functions, or lazily through ``attach`` /
+    ``declare_encoder_option``), resolved to known modules."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         names = []
-        if isinstance(node, ast.Import):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("attach", "declare_encoder_option"):
+            # what a lazy package exports, or where a declared encoder option lives: imported on first use
+            names = [c.value.partition(":")[0] for c in ast.walk(node)
+                     if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value.startswith("nemo_layerfx")]
+        elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
@@ -95,3 +100,31 @@ def test_the_rules_can_fail(tmp_path):
     old["nemo_layerfx.fl"].add("nemo_layerfx.fl.client_app")
     assert find_cycles(old) == [["nemo_layerfx.cli", "nemo_layerfx.fl", "nemo_layerfx.fl.client_app",
                                  "nemo_layerfx.cli"]]
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_config_modules_and_the_parser_import_without_nemo():
+    """``layerfx``'s flag checks call the config classes' own validation, so those modules must load without NeMo
+    (the lazy package imports); ``import nemo_layerfx`` itself loads none of the capabilities."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import nemo_layerfx, nemo_layerfx_cli\n"
+            "from nemo_layerfx.importance.config import ProbeConfig\n"
+            "from nemo_layerfx.pruning.config import AdaptiveDropoutConfig\n"
+            "from nemo_layerfx.lowrank.config import LowRankConfig\n"
+            "LowRankConfig(att=[0.1, 0.2]); ProbeConfig(draws=2); AdaptiveDropoutConfig()\n"
+            "print(sorted(m for m in sys.modules if m == 'nemo' or m.startswith(('nemo.', 'lightning'))),"
+            " sorted(m for m in sys.modules if m.startswith('nemo_layerfx.') and m.count('.') == 1))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    nemo, ours = out.stdout.strip().splitlines()[-1].split("] [")
+    assert nemo == "[" and "encoder" not in ours, out.stdout
+
+
+@pytest.mark.unit
+def test_a_lazy_export_is_seen_as_an_import(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text('__getattr__, __dir__, __all__ = attach(__name__, {"f": "nemo_layerfx.fd.plan"})\n')
+    assert imports(source, {"nemo_layerfx.fd.plan"}) == {"nemo_layerfx.fd.plan"}

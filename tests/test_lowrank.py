@@ -255,8 +255,8 @@ def test_lowrank_and_merge_commands(trained, tmp_path, capsys):
     assert layerfx(["merge", str(small), str(dense)]) == 0
     torch.testing.assert_close(encode(restore(dense)), encode(restore(small)), rtol=0, atol=1e-5)
     for args, message in [
-        (["lowrank", str(src), str(tmp_path / "x.nemo"), "--ffn", "1.5"], "--ffn 1.5: α values must be in (0, 1]"),
-        (["lowrank", str(src), str(tmp_path / "x.nemo"), "--att", "0.1,0.2,0.3"], "one (uniform) or two (ramp)"),
+        (["lowrank", str(src), str(tmp_path / "x.nemo"), "--ffn", "1.5"], "--ffn 1.5: low_rank.ffn: α = 1.5 is outside (0, 1]"),
+        (["lowrank", str(src), str(tmp_path / "x.nemo"), "--att", "0.1,0.2,0.3"], "a ramp has exactly two values"),
         (["lowrank", str(src), str(tmp_path / "x.nemo")], "give at least one of --att, --ffn, --conv"),
         (["lowrank", str(src), str(src), "--ffn", "0.5"], "refusing to overwrite the input model"),
         (["merge", str(src), str(tmp_path / "x.nemo")], "nothing to merge: the model has no factorized"),

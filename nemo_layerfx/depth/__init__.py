@@ -6,19 +6,21 @@ the per-depth sweep with layer consistency, and masked-reconstruction pretrainin
     model.encoder.inference_depth: 5                   # SLI(5): eval forwards run 5 layers; core field
     report = depth_sweep(model, "dev_manifest.json")   # WER / loss / RTF at every depth, consistency per layer pair
 
-Importing this package registers the ``depth_sampling`` encoder option (``import nemo_layerfx`` does it).
-
 Composes with: low-rank layers (a shared set is factorized once) and every NeMo model class (CTC, RNNT, hybrid).
 Refused with a clear error: federated-dropout ``extract``, pruning and the importance probe on *shared* layers
 (unshare first; the sweep works on shared models), and depth sampling with cache-aware streaming.
 """
 
-from nemo_layerfx.depth.sampling import DepthSampler, DepthSampling, apply_option
-from nemo_layerfx.depth.sharing import set_depth_file, set_inference_depth, unshare, unshare_file
-from nemo_layerfx.depth.sweep import DepthReport, depth_sweep, plot_sweep
-from nemo_layerfx.encoder import register_encoder_option
+from nemo_layerfx.lazy import attach
 
-register_encoder_option("depth_sampling", apply_option, order=30, training_only=True)
-
-__all__ = ["DepthReport", "DepthSampler", "DepthSampling", "depth_sweep", "plot_sweep", "set_depth_file",
-           "set_inference_depth", "unshare", "unshare_file"]
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "DepthSampler": "nemo_layerfx.depth.sampling",
+    "DepthSampling": "nemo_layerfx.depth.sampling",
+    "set_depth_file": "nemo_layerfx.depth.sharing",
+    "set_inference_depth": "nemo_layerfx.depth.sharing",
+    "unshare": "nemo_layerfx.depth.sharing",
+    "unshare_file": "nemo_layerfx.depth.sharing",
+    "DepthReport": "nemo_layerfx.depth.sweep",
+    "depth_sweep": "nemo_layerfx.depth.sweep",
+    "plot_sweep": "nemo_layerfx.depth.sweep",
+})

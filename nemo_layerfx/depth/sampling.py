@@ -21,6 +21,7 @@ from nemo.core.classes.common import Serialization
 from torch import nn
 
 from nemo_layerfx.encoder import EncoderExtension
+from nemo_layerfx.options import EncoderOption
 from nemo_layerfx.models import conformer_encoder
 
 
@@ -87,6 +88,9 @@ def apply_option(encoder: nn.Module, value: Any) -> None:
                          "multiple att_context_size): a streaming cache holds one entry per layer for every chunk; "
                          "train the offline model with depth sampling instead")
     encoder.add_extension("depth_sampling", sampler)
+
+
+OPTION = EncoderOption("depth_sampling", apply_option, order=30, training_only=True)  # an entry point
 
 
 class DepthSampling(pl.Callback, Serialization):

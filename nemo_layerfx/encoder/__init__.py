@@ -17,8 +17,7 @@ dense models that federated dropout, pruning and low-rank training produce; ``d_
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from nemo_layerfx.encoder.attention import LeanRelPositionMultiHeadAttention, Ra
 from nemo_layerfx.encoder.conv import STOCK_ENCODER_TARGET, MaskedConformerConvolution, parse_num_groups
 from nemo_layerfx.encoder.layer import lean_layer_
 from nemo_layerfx.encoder.subsampling import LeanMaskedConvSequential
+from nemo_layerfx.options import encoder_option
 
 ENCODER_TARGET = "nemo_layerfx.encoder.GroupNormConformerEncoder"
 # Keys our encoder adds to NeMo's signature; stock NeMo rejects them, so they are dropped when exporting.
@@ -47,24 +47,6 @@ LAYERFX_FLAGS = {"macaron_ffn": True}  # keys stock NeMo lacks, harmless at thei
 # conv norms of NeMo's pretrained Conformers that our encoder keeps as NeMo builds them (an adopted model computes
 # what it did; group_norm<G> is ours, padding-exact: NeMo's padded group_norm goes through `layerfx convert-norm`)
 KEPT_NORMS = ("batch_norm", "layer_norm", "instance_norm", "fused_batch_norm")
-
-
-@dataclass(frozen=True)
-class EncoderOption:
-    """An encoder config key that a capability subpackage adds (e.g. ``low_rank``).
-
-    ``apply(encoder, value)`` runs after the layers are built, in ``order``; a ``None`` value is not applied.
-    Capabilities register their options when imported (``import nemo_layerfx`` imports them all), so the core
-    encoder never imports a capability, and a config or ``.nemo`` naming the option rebuilds the same modules.
-    """
-
-    name: str
-    apply: Callable[[nn.Module, Any], None]
-    order: int = 0
-    training_only: bool = False  # changes how the model trains, not its parameters or what inference computes
-
-
-ENCODER_OPTIONS: dict[str, EncoderOption] = {}
 
 
 class EncoderExtension:
@@ -86,19 +68,12 @@ class EncoderExtension:
         pass
 
 
-def register_encoder_option(name: str, apply: Callable[[nn.Module, Any], None], order: int = 0,
-                            training_only: bool = False) -> None:
-    """Make ``name`` a key of GroupNormConformerEncoder's config (idempotent for the same function)."""
-    ENCODER_OPTIONS[name] = EncoderOption(name, apply, order, training_only)
-
-
 def layer_sets(encoder: nn.Module) -> list[nn.Module]:
     """The encoder's distinct layer modules in order of first use (a layer shared by several depths once)."""
     seen: dict[int, nn.Module] = {}
     for layer in encoder.layers:
         seen.setdefault(id(layer), layer)
     return list(seen.values())
-
 
 
 def _per_layer(name: str, values: Sequence[Any] | None, n_layers: int) -> list[Any] | None:
@@ -160,7 +135,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
     are; the conv-unit features (federated dropout, conv gates, per-layer conv widths) need group_norm<G>.
 
     Args (in addition to NeMo's, all optional; ``None`` means NeMo's uniform width; capability subpackages add
-    more keys through ``register_encoder_option``, e.g. ``low_rank`` from ``nemo_layerfx.lowrank``):
+    more keys through ``nemo_layerfx.options``, e.g. ``low_rank`` from ``nemo_layerfx.lowrank``):
         ff_hidden: per layer, the FFN hidden size (int) or ``[ffn1, ffn2]``; NeMo: d_model * ff_expansion_factor.
         layer_n_heads: per layer, the number of attention heads, each of width d_model / n_heads.
         conv_channels: per layer, the conv module's inner channels (a multiple of G); NeMo: d_model.
@@ -203,7 +178,7 @@ class GroupNormConformerEncoder(ConformerEncoder):
         # a pretrained model's own norm (batch_norm, layer_norm, ...) keeps NeMo's conv module: adopted, not converted
         own_norm = str(conv_norm_type) in KEPT_NORMS
         num_groups = None if own_norm else parse_num_groups(conv_norm_type)
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k in ENCODER_OPTIONS}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if encoder_option(k) is not None}
         # NeMo's own GroupNorm is built first and replaced below; it needs G | d_model, so give it 1 group.
         super().__init__(*args, conv_norm_type=conv_norm_type if own_norm else "group_norm1", **kwargs)
         self.conv_norm_type = conv_norm_type
@@ -265,8 +240,8 @@ class GroupNormConformerEncoder(ConformerEncoder):
         if share_layers is not None:
             self.share_(int(share_layers))
         self.set_inference_depth(inference_depth)
-        for option in sorted(ENCODER_OPTIONS.values(), key=lambda o: o.order):
-            if options.get(option.name) is not None:
+        for option in sorted((encoder_option(k) for k in options), key=lambda o: o.order):
+            if options[option.name] is not None:
                 option.apply(self, options[option.name])
 
     # --- extensions: how capabilities take part in the forward ------------------------------------------------
@@ -392,7 +367,8 @@ def stock_encoder_config(encoder_cfg: Any) -> dict:
         if cfg.pop(key, None) is not None:
             raise ValueError(f"encoder uses {key}, which stock NeMo ConformerEncoder cannot express"
                              + (" (run `layerfx unshare` first)" if key == "share_layers" else ""))
-    for key, option in ENCODER_OPTIONS.items():
+    for key in [k for k in cfg if encoder_option(k) is not None]:
+        option = encoder_option(key)
         if cfg.pop(key, None) is None:
             continue
         if not option.training_only:
@@ -408,3 +384,15 @@ def stock_encoder_config(encoder_cfg: Any) -> dict:
 
 class GroupNormConformerEncoderAdapter(GroupNormConformerEncoder, ConformerEncoderAdapter):
     """Adapter-capable variant, registered so ``model.add_adapter`` works on GroupNorm encoders."""
+
+
+def register_adapter() -> None:
+    """Register the adapter class with NeMo's adapter registry (idempotent); done when this module loads."""
+    from nemo.core.classes.mixins import adapter_mixins
+
+    if adapter_mixins.get_registered_adapter(GroupNormConformerEncoder) is None:
+        adapter_mixins.register_adapter(base_class=GroupNormConformerEncoder,
+                                        adapter_class=GroupNormConformerEncoderAdapter)
+
+
+register_adapter()

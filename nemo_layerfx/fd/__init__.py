@@ -11,9 +11,18 @@ global model (``aggregate``, ``ServerOptimizer``).
     delta = aggregate(model.state_dict(), [(sub.state_dict(), units, n_examples)], model, rule="zero_fill")
 """
 
-from nemo_layerfx.fd.aggregate import RULES, ServerOptimizer, aggregate, expand
-from nemo_layerfx.fd.extract import extract, plan_param_count
-from nemo_layerfx.fd.plan import MAPPINGS, RATE_KEYS, DropoutPlan, choose_units, unit_seed
+from nemo_layerfx.lazy import attach
 
-__all__ = ["DropoutPlan", "MAPPINGS", "RATE_KEYS", "RULES", "ServerOptimizer", "aggregate", "choose_units",
-           "expand", "extract", "plan_param_count", "unit_seed"]
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "RULES": "nemo_layerfx.fd.aggregate",
+    "ServerOptimizer": "nemo_layerfx.fd.aggregate",
+    "aggregate": "nemo_layerfx.fd.aggregate",
+    "expand": "nemo_layerfx.fd.aggregate",
+    "extract": "nemo_layerfx.fd.extract",
+    "plan_param_count": "nemo_layerfx.fd.extract",
+    "DropoutPlan": "nemo_layerfx.fd.plan",
+    "MAPPINGS": "nemo_layerfx.fd.plan",
+    "RATE_KEYS": "nemo_layerfx.fd.plan",
+    "choose_units": "nemo_layerfx.fd.plan",
+    "unit_seed": "nemo_layerfx.fd.plan",
+})

@@ -41,8 +41,7 @@ class DropoutPlan:
             raise ValueError(f"every kind needs one rate per layer; got lengths {sorted(lengths)}")
         for kind, values in self.rates.items():
             for i, r in enumerate(values):
-                if not 0.0 <= r < 1.0:
-                    raise ValueError(f"{kind} rate for layers.{i} is {r}; rates are fractions dropped, in [0, 1)")
+                check_rate(r, f"{kind} rate for layers.{i}")
         if self.mapping not in MAPPINGS:
             raise ValueError(f"unknown mapping {self.mapping!r}; choose pcpr (per client per round) or pr (per round)")
 
@@ -106,6 +105,12 @@ class DropoutPlan:
     @classmethod
     def from_dict(cls, d: dict) -> DropoutPlan:
         return cls(rates=d["rates"], mapping=d.get("mapping", "pcpr"), label=d.get("label", ""))
+
+
+def check_rate(rate: float, what: str = "rate") -> None:
+    """A dropout rate is the fraction of a kind's units dropped: in [0, 1) (1 would drop them all)."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{what} is {rate}; a dropout rate is the fraction of units dropped, in [0, 1)")
 
 
 def unit_seed(seed: int, server_round: int, client: int, mapping: str) -> int:

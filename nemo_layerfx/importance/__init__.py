@@ -8,16 +8,27 @@ Modules: ``resets`` (snapshots, fresh draws, exact restore, churn), ``probe`` (t
 helpers it is built on live in the core (``nemo_layerfx.evaluate``).
 """
 
-from nemo_layerfx.importance.compare import compare_reports, spearman
-from nemo_layerfx.importance.plot import plot_history, plot_report
-from nemo_layerfx.importance.probe import (
-    MODES, UNITS, ProbeConfig, ProbeReport, ambient_units, probe, run_variants,
-)
-from nemo_layerfx.importance.resets import (
-    check_snapshot, churn, fresh_draw, init_state, layer_snapshot, load_snapshot, probe_units,
-    save_snapshot, swapped,
-)
+from nemo_layerfx.lazy import attach
 
-__all__ = ["MODES", "UNITS", "ProbeConfig", "ProbeReport", "ambient_units", "check_snapshot",
-           "churn", "compare_reports", "fresh_draw", "init_state", "layer_snapshot", "load_snapshot", "plot_history",
-           "plot_report", "probe", "probe_units", "run_variants", "save_snapshot", "spearman", "swapped"]
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "compare_reports": "nemo_layerfx.importance.compare",
+    "spearman": "nemo_layerfx.importance.compare",
+    "plot_history": "nemo_layerfx.importance.plot",
+    "plot_report": "nemo_layerfx.importance.plot",
+    "MODES": "nemo_layerfx.importance.config",
+    "ProbeConfig": "nemo_layerfx.importance.config",
+    "ProbeReport": "nemo_layerfx.importance.probe",
+    "UNITS": "nemo_layerfx.importance.config",
+    "ambient_units": "nemo_layerfx.importance.probe",
+    "probe": "nemo_layerfx.importance.probe",
+    "run_variants": "nemo_layerfx.importance.probe",
+    "check_snapshot": "nemo_layerfx.importance.resets",
+    "churn": "nemo_layerfx.importance.resets",
+    "fresh_draw": "nemo_layerfx.importance.resets",
+    "init_state": "nemo_layerfx.importance.resets",
+    "layer_snapshot": "nemo_layerfx.importance.resets",
+    "load_snapshot": "nemo_layerfx.importance.resets",
+    "probe_units": "nemo_layerfx.importance.resets",
+    "save_snapshot": "nemo_layerfx.importance.resets",
+    "swapped": "nemo_layerfx.importance.resets",
+})

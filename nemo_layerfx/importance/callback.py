@@ -40,7 +40,7 @@ class LayerImportanceCallback(pl.Callback, Serialization):
                  batch_size: int = 16, ambient_rel_threshold: float = 0.10, n_ambient: int | None = None,
                  batch_variants: int = 1, rule: str = "relative", bootstrap: int = 1000):
         super().__init__()
-        from nemo_layerfx.importance.probe import ProbeConfig
+        from nemo_layerfx.importance.config import ProbeConfig
 
         self.config = ProbeConfig(modes=tuple(modes or ("reinit", "rerand")), unit=unit, draws=draws, seed=seed,
                                   max_utterances=max_utterances, batch_size=batch_size,

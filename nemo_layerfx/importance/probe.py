@@ -26,6 +26,7 @@ from nemo_layerfx.evaluate import (
     Prefix, audio_batches, batch_loss, decode, encode_prefix, error_counts, output_from, read_manifest, resamples, wer,
 )
 from nemo_layerfx.importance.compare import spearman
+from nemo_layerfx.importance.config import ProbeConfig
 from nemo_layerfx.importance.stats import delta_interval, draw_spread
 from nemo_layerfx.importance.resets import (
     check_snapshot, churn, fresh_draw, init_state, load_snapshot, probe_units, probed_encoder, swapped,
@@ -33,9 +34,6 @@ from nemo_layerfx.importance.resets import (
 from nemo_layerfx.distributed import gather_objects, interleave, shard, world
 from nemo_layerfx.models import eval_depth
 
-MODES = ("reinit", "rerand")
-RULES = ("relative", "ci", "top_n")
-UNITS = ("block", "module")
 
 
 @torch.no_grad()
@@ -59,51 +57,6 @@ def run_variants(enc: nn.Module, p: Prefix, layer_idx: int,
     for layer in list(enc.layers)[layer_idx + 1:len(p.hidden) - 1]:
         x = layer(x=x, att_mask=att_mask, pos_emb=p.pos_emb, pad_mask=pad_mask)
     return list(output_from(enc, x).chunk(v))
-
-
-@dataclass
-class ProbeConfig:
-    """What to reset and how to label layers."""
-
-    modes: tuple[str, ...] = ("rerand",)  # reinit (needs an init snapshot) and/or rerand
-    unit: str = "block"  # block: a whole Conformer layer; module: ffn1 / attn / conv / ffn2 with its pre-norm
-    draws: int = 1  # re-rand draws averaged per unit
-    seed: int = 0  # re-rand draw d of unit u uses the seed seed * 1000003 + u * 1009 + d
-    rule: str = "relative"  # how units are labelled ambient: relative | ci | top_n (see ambient_units)
-    ambient_rel_threshold: float = 0.10  # relative: ambient if WER <= baseline * (1 + threshold) (Zhou: no number)
-    n_ambient: int | None = None  # top_n: the n units with the smallest WER change (setting it selects top_n)
-    bootstrap: int = 1000  # paired bootstrap resamples of the utterances for every unit's interval (0: none)
-    ci_level: float = 0.95  # interval level; rule ci: ambient if the interval's lower end is <= 0
-    batch_size: int = 16
-    max_utterances: int | None = None  # probe on the first N utterances (manifest sorted by duration)
-    loss: bool = True  # also the model's loss per reset (one more decoder/joint pass per batch and reset)
-    batch_variants: int = 1  # reset variants of one layer run through layers i+1.. as one batch (GPU: try 8)
-
-    def __post_init__(self) -> None:
-        self.modes = tuple(self.modes)
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"unknown probe mode(s) {bad or '(none)'}; choose from {', '.join(MODES)}")
-        if self.unit not in UNITS:
-            raise ValueError(f"unknown unit {self.unit!r}; choose one of {', '.join(UNITS)}")
-        if self.draws < 1:
-            raise ValueError(f"draws must be >= 1, got {self.draws}")
-        if self.ambient_rel_threshold < 0:
-            raise ValueError("ambient_rel_threshold must be >= 0")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        if self.batch_variants < 1:
-            raise ValueError(f"batch_variants must be >= 1, got {self.batch_variants}")
-        if self.n_ambient is not None:
-            self.rule = "top_n"
-        if self.rule not in RULES:
-            raise ValueError(f"unknown ambient rule {self.rule!r}; choose from {', '.join(RULES)}")
-        if self.rule == "top_n" and self.n_ambient is None:
-            raise ValueError("rule top_n needs n_ambient (how many units to label ambient)")
-        if self.rule == "ci" and self.bootstrap < 1:
-            raise ValueError("rule ci needs bootstrap >= 1 (resamples for the intervals)")
-        if self.bootstrap < 0 or not 0.0 < self.ci_level < 1.0:
-            raise ValueError(f"bootstrap must be >= 0 and ci_level in (0, 1), got {self.bootstrap}, {self.ci_level}")
 
 
 @dataclass

@@ -6,21 +6,26 @@
     # Python: factorize a trained model by truncated SVD, and back
     small, report = lowrank(model, LowRankConfig(att=[0.1, 0.2], ffn=[0.2, 0.5]))
     dense, _ = merge(small)
-
-Importing this package registers the ``low_rank`` encoder option (``import nemo_layerfx`` does it).
 """
 
-from nemo_layerfx.encoder import register_encoder_option
-from nemo_layerfx.lowrank.analysis import alphas_from_report, energy_profile, energy_rank
-from nemo_layerfx.lowrank.config import LowRankConfig, block_alphas, parse_spec, rank_for
-from nemo_layerfx.lowrank.linear import LowRankLinear, factorized_params, spectral_factors
-from nemo_layerfx.lowrank.rewrite import (
-    RankReport, apply_option, factorize_, low_rank_modules, lowrank, lowrank_file, merge, merge_file,
-)
+from nemo_layerfx.lazy import attach
 
-register_encoder_option("low_rank", apply_option, order=20)
-
-__all__ = ["alphas_from_report", "energy_profile", "energy_rank", "LowRankConfig", "LowRankLinear", "RankReport",
-           "block_alphas", "factorize_", "factorized_params",
-           "low_rank_modules", "lowrank", "lowrank_file", "merge", "merge_file", "parse_spec", "rank_for",
-           "spectral_factors"]
+__getattr__, __dir__, __all__ = attach(__name__, {
+    "alphas_from_report": "nemo_layerfx.lowrank.analysis",
+    "energy_profile": "nemo_layerfx.lowrank.analysis",
+    "energy_rank": "nemo_layerfx.lowrank.analysis",
+    "LowRankConfig": "nemo_layerfx.lowrank.config",
+    "block_alphas": "nemo_layerfx.lowrank.config",
+    "parse_spec": "nemo_layerfx.lowrank.config",
+    "rank_for": "nemo_layerfx.lowrank.config",
+    "LowRankLinear": "nemo_layerfx.lowrank.linear",
+    "factorized_params": "nemo_layerfx.lowrank.linear",
+    "spectral_factors": "nemo_layerfx.lowrank.linear",
+    "RankReport": "nemo_layerfx.lowrank.rewrite",
+    "factorize_": "nemo_layerfx.lowrank.rewrite",
+    "low_rank_modules": "nemo_layerfx.lowrank.rewrite",
+    "lowrank": "nemo_layerfx.lowrank.rewrite",
+    "lowrank_file": "nemo_layerfx.lowrank.rewrite",
+    "merge": "nemo_layerfx.lowrank.rewrite",
+    "merge_file": "nemo_layerfx.lowrank.rewrite",
+})

@@ -17,8 +17,10 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from nemo_layerfx.lowrank.linear import INITS
 from nemo_layerfx.units import linears
+from nemo_layerfx.validation import FieldError
+
+INITS = ("svd", "kaiming")
 
 GROUPS = ("att", "ffn", "conv")  # config keys: the attention module, both FFNs, the conv module (units.resolve)
 # target kind (the last name of a layer path) -> group
@@ -55,7 +57,7 @@ class LowRankConfig:
             raise ValueError("low_rank needs a rank spec for at least one of att, ffn, conv "
                              "(e.g. low_rank: {att: [0.1, 0.2], ffn: [0.2, 0.5]})")
         for group in GROUPS:
-            setattr(self, group, _check_spec(group, getattr(self, group)))
+            setattr(self, group, check_spec(group, getattr(self, group)))
         if self.targets is not None:
             self.targets = [str(t) for t in self.targets]
             bad = [t for t in self.targets if t not in TARGET_KINDS]
@@ -69,7 +71,7 @@ class LowRankConfig:
         if self.init not in INITS:
             raise ValueError(f"unknown low_rank init {self.init!r}; choose svd or kaiming")
         if int(self.multiple_of) < 1:
-            raise ValueError(f"low_rank multiple_of must be >= 1, got {self.multiple_of}")
+            raise FieldError("multiple_of", f"low_rank multiple_of must be >= 1, got {self.multiple_of}")
         self.multiple_of = int(self.multiple_of)
 
     @classmethod
@@ -117,32 +119,33 @@ class LowRankConfig:
         return rank_for(block_alphas(spec, n_blocks)[block], m, n, self.multiple_of)
 
 
-def _check_spec(group: str, spec: Any) -> Any:
+def check_spec(group: str, spec: Any) -> Any:
+    """A group's rank spec, checked and normalized (a FieldError naming the group otherwise)."""
     if spec is None:
         return None
     if isinstance(spec, dict):
         if set(spec) not in ({"ranks"}, {"alphas"}):
-            raise ValueError(f"low_rank.{group}: a mapping spec must be {{ranks: [r_0, ...]}} or "
+            raise FieldError(group, f"low_rank.{group}: a mapping spec must be {{ranks: [r_0, ...]}} or "
                              f"{{alphas: [α_0, ...]}}, got keys {sorted(spec)}")
         if "alphas" in spec:
             alphas = list(spec["alphas"])
             bad = [a for a in alphas if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1]
             if bad or not alphas:
-                raise ValueError(f"low_rank.{group}.alphas must be numbers in (0, 1], one per block; "
+                raise FieldError(group, f"low_rank.{group}.alphas must be numbers in (0, 1], one per block; "
                                  f"got {bad or alphas}")
             return {"alphas": [float(a) for a in alphas]}
         ranks = list(spec["ranks"])
         bad = [r for r in ranks if not isinstance(r, int) or isinstance(r, bool) or r < 1]
         if bad or not ranks:
-            raise ValueError(f"low_rank.{group}.ranks must be integers >= 1, one per block; got {bad or ranks}")
+            raise FieldError(group, f"low_rank.{group}.ranks must be integers >= 1, one per block; got {bad or ranks}")
         return {"ranks": ranks}
     values = [spec] if isinstance(spec, (int, float)) and not isinstance(spec, bool) else spec
     if not isinstance(values, (list, tuple)) or len(values) not in (1, 2):
-        raise ValueError(f"low_rank.{group} must be a number α, a pair [α_i, α_f] or {{ranks: [...]}}, got {spec!r} "
-                         f"(a ramp has exactly two values; per-block ranks go in {{ranks: [...]}})")
+        raise FieldError(group, f"low_rank.{group} must be a number α, a pair [α_i, α_f] or {{ranks: [...]}}, got "
+                                f"{spec!r} (a ramp has exactly two values; per-block ranks go in {{ranks: [...]}})")
     for a in values:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 < float(a) <= 1.0:
-            raise ValueError(f"low_rank.{group}: α = {a!r} is outside (0, 1]; α is the rank as a fraction of "
+            raise FieldError(group, f"low_rank.{group}: α = {a!r} is outside (0, 1]; α is the rank as a fraction of "
                              f"min(m, n)")
     return float(values[0]) if len(values) == 1 else [float(v) for v in values]
 

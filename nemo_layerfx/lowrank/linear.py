@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nemo_layerfx.encoder.conv import pointwise
+from nemo_layerfx.lowrank.config import INITS
 
-INITS = ("svd", "kaiming")
 
 
 def spectral_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from omegaconf import open_dict
 from torch import nn
 
 from nemo_layerfx.encoder import ENCODER_TARGET, layer_sets
+from nemo_layerfx.options import EncoderOption
 from nemo_layerfx.lowrank.config import GROUPS, TARGET_KINDS, LowRankConfig
 from nemo_layerfx.lowrank.linear import LowRankLinear
 from nemo_layerfx.models import (
@@ -82,6 +83,9 @@ def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = Non
 def apply_option(encoder: nn.Module, value: Any) -> None:
     """The ``low_rank`` encoder option: factorize the freshly built layers (spectral init from their own init)."""
     encoder.low_rank_ranks = factorize_(encoder, LowRankConfig.from_any(value))
+
+
+OPTION = EncoderOption("low_rank", apply_option, order=20)  # the entry point nemo_layerfx.encoder_options
 
 
 def low_rank_modules(model: nn.Module) -> dict[str, LowRankLinear]:

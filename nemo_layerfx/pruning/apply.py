@@ -11,6 +11,7 @@ from omegaconf import open_dict
 from torch import nn
 
 from nemo_layerfx.encoder import EncoderExtension, layer_sets
+from nemo_layerfx.options import EncoderOption
 from nemo_layerfx.models import adopt_, clone_model, conformer_encoder
 from nemo_layerfx.pruning.config import AdaptiveDropoutConfig
 from nemo_layerfx.pruning.gates import GatedInput, GatedOutput, GateSchedule, RetentionGate
@@ -74,6 +75,9 @@ def _gates(encoder: nn.Module) -> list[RetentionGate]:
 def apply_option(encoder: nn.Module, value) -> None:
     """The ``adaptive_dropout`` encoder option."""
     add_gates_(encoder, AdaptiveDropoutConfig.from_any(value))
+
+
+OPTION = EncoderOption("adaptive_dropout", apply_option, order=40)  # an entry point
 
 
 def gated_encoder(model: nn.Module) -> nn.Module:
