@@ -35,12 +35,41 @@ SIZES = {  # NeMo's Conformer-CTC sizes (conformer_ctc_bpe.yaml): width, heads, 
           "model.encoder.conv_kernel_size=31"],
 }
 DATA = ("train", "dev", "test", "tokenizer")
+# the runs behind each paper's full report, under experiments/results ({seed}: a seed's runs only)
+RUNS = {"zhou": ("zhou/full/runs/*_seed{seed}/done.json", "runs/fd_L8*_seed{seed}/result.json"),
+        "tian": ("runs/layer_reduction_L8/*_seed{seed}/result.json",),
+        "kubo": ("runs/adaptive_dropout_L8/*_seed{seed}/result.json",
+                 "runs/adaptive_dropout_L8_e18/dense_seed{seed}/result.json",
+                 "runs/adaptive_dropout_L8_e18_k0.85_c16/*_seed{seed}/result.json"),
+        "fernandez-lopez": ("runs/lowrank_L8/*_seed{seed}/result.json",)}
+
+
+def measured_costs(results: Path = HERE / "results") -> list[str]:
+    """What each budget's committed runs took to train, summed from their result files (the help's epilog)."""
+    import json
+
+    lines = ["measured cost of the committed full-budget runs (training time summed over runs; 2 CPU cores, often "
+             "with other work beside them, so an idle machine is faster); small trains about the seed-0 share:"]
+    for paper, patterns in RUNS.items():
+        cost = {}
+        for budget, seed in (("small", "0"), ("full", "*")):
+            files = {f for pat in patterns for f in results.glob(pat.format(seed=seed))}
+            seconds = [json.loads(f.read_text()) for f in files]
+            seconds = [r.get("seconds", r.get("train_seconds", 0.0)) for r in seconds]
+            cost[budget] = f"{len(files)} runs, {sum(seconds) / 3600:.1f} h" if files else "not run here"
+        lines.append(f"  {paper:<16} seed 0: {cost['small']}; all seeds: {cost['full']}")
+    lines.append("  smoke (any paper): a few minutes; the tests run it. A report regenerates from the runs on disk "
+                 "in under a minute.")
+    return lines
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__, epilog="\n".join(measured_costs()),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paper", choices=sorted(PAPERS))
-    p.add_argument("--budget", default="small", choices=["smoke", "small", "full"], help="see above")
+    p.add_argument("--budget", default="small", choices=["smoke", "small", "full"],
+                   help="smoke: the tests' (minutes, the numbers mean nothing); small: one seed; full: every seed, "
+                        "what the committed reports are (costs below)")
     p.add_argument("--corpus", default="data/commands", help="a corpus made by layerfx make-corpus (made if missing)")
     for split in DATA:
         p.add_argument(f"--{split}", default=None,

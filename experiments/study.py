@@ -22,9 +22,19 @@ def finished_runs(runs: Path, arms) -> tuple[dict[str, dict[int, dict]], list[in
     return by_arm, sorted({r["seed"] for r in results})
 
 
-VERDICT_RULE = ("A verdict is *reproduced* or *refuted* only when the effect has the paper's (or the opposite) sign "
-                "in every seed and its mean exceeds twice its standard error; otherwise *inconclusive*. ± is the "
-                "standard deviation over seeds.")
+VERDICT_RULE = (
+    "**Verdict rule.** A row whose criterion is the *paired t-test* is *reproduced* (or *refuted*) when the mean "
+    "per-seed difference has the paper's (or the opposite) sign and a two-sided paired t-test over the seeds rejects "
+    "a zero mean at 95 % (|mean| / (sd / √n) > t₀.₉₇₅ with n − 1 degrees of freedom: 4.30 at n = 3, 2.78 at n = 5); "
+    "otherwise *inconclusive*. Where the paper claims a size (\"a little\", \"11–12 %\"), the row also compares "
+    "sizes: ours is *as the paper's* within a factor of two of it, else *smaller* or *larger*. Rows judged by "
+    "anything else (an exact identity, a benchmark target, a count, a threshold of ours) name it in the criterion "
+    "column. Settings run for a claim other than the row's are listed under *Also tried*, with their results; a "
+    "setting chosen after seeing results says so. ± is the standard deviation over seeds.")
+T_TEST = "paired t-test"
+# t₀.₉₇₅ with df = 1..30 degrees of freedom (two-sided 95 %); tests/test_reproduce.py checks them against scipy
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
 def paired(by_arm: dict[str, dict[int, dict]], arm: str, ref: str,
@@ -40,19 +50,34 @@ def split_sizes(corpus: str | Path) -> tuple[int, int]:
                  for split in ("dev", "test"))
 
 
+def t_statistic(diffs: list[float]) -> float:
+    """mean / (sd / √n) of per-seed paired differences (±inf when they agree exactly and are not all 0)."""
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    if sd == 0:
+        return 0.0 if mean == 0 else float("inf") if mean > 0 else float("-inf")
+    return mean / (sd / len(diffs) ** 0.5)
+
+
+def significant(diffs: list[float]) -> bool:
+    """A two-sided paired t-test at 95 % rejects a zero mean (n ≥ 2)."""
+    n = len(diffs)
+    return n >= 2 and abs(t_statistic(diffs)) > T975[min(n - 1, len(T975)) - 1]
+
+
 def verdict(diffs: list[float], paper_sign: int, label: str) -> str:
-    """reproduced / refuted (the sign in every seed and a mean beyond twice its standard error) or inconclusive."""
+    """The report's rule (``VERDICT_RULE``): reproduced / refuted by a paired t-test over seeds, else inconclusive."""
     n = len(diffs)
     if n < 2:
         return f"inconclusive ({n} seed)"
-    mean, se = statistics.mean(diffs), statistics.stdev(diffs) / n ** 0.5
-    same = all(d * paper_sign > 0 for d in diffs)
-    opposite = all(d * paper_sign < 0 for d in diffs)
-    if same and abs(mean) > 2 * se:
-        return "reproduced"
-    if opposite and abs(mean) > 2 * se:
-        return "refuted"
+    if significant(diffs):
+        return "reproduced" if statistics.mean(diffs) * paper_sign > 0 else "refuted"
     return f"inconclusive ({label})"
+
+
+def size_word(ours: float, paper: float) -> str:
+    """How our effect's size compares with the paper's (same units): within a factor of two is *as the paper's*."""
+    ratio = abs(ours) / abs(paper) if paper else float("inf")
+    return "as the paper's" if 0.5 <= ratio <= 2 else "smaller" if ratio < 0.5 else "larger"
 
 
 def fmt(values: list[float], spec: str = "+.3f") -> str:
@@ -62,9 +87,23 @@ def fmt(values: list[float], spec: str = "+.3f") -> str:
 
 
 def claims_table(rows: list[dict]) -> list[str]:
-    """The report's table: a row per claim (what the paper says, what we measured, the verdict)."""
-    return (["| claim | paper says | we measured | verdict |", "|---|---|---|---|"]
-            + [f"| {r['claim']} | {r['paper']} | {r['measured']} | **{r['verdict']}** |" for r in rows])
+    """The report's table, a row per claim (what the paper says, what we measured, by which criterion, the
+    verdict), then every other setting tried for a claim (``also_tried``). Rows without a ``criterion`` are judged
+    by the paired t-test, and it is written into them, so the JSON names every row's criterion."""
+    for r in rows:
+        r.setdefault("criterion", T_TEST)
+        r.setdefault("also_tried", [])
+    out = (["| claim | paper says | we measured | criterion | verdict |", "|---|---|---|---|---|"]
+           + [f"| {r['claim']} | {r['paper']} | {r['measured']} | {r['criterion']} | **{r['verdict']}** |"
+              for r in rows])
+    tried = [(r, t) for r in rows for t in r["also_tried"]]
+    if tried:
+        out += ["", "### Also tried", "",
+                "Other settings run for the claims above (the row shows the setting declared first, unless it says "
+                "otherwise):", ""]
+        out += [f"- *{r['claim']}* — {t['setting']}: {t['measured']} → **{t['verdict']}**"
+                + (f" ({t['note']})" if t.get("note") else "") for r, t in tried]
+    return out
 
 
 def write_report(out: Path, budget: str, lines: list[str], data: dict) -> Path:

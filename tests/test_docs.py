@@ -44,3 +44,28 @@ def test_readme_is_for_a_newcomer():
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     used = set(re.findall(r"^layerfx ([a-z-]+)", text, flags=re.M))
     assert used and used <= set(action.choices), used - set(action.choices)
+
+
+@pytest.mark.unit
+def test_quoted_results_are_the_reports_json():
+    """README.md and experiments/README.md quote the reproductions through blocks that experiments/render.py writes
+    from each REPORT.json; a block that disagrees with the JSON fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("render", REPO / "experiments" / "render.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    for doc in render.DOCS:
+        assert "<!-- render:" in doc.read_text(), doc
+        assert render.render(doc) == doc.read_text(), f"{doc.name} is out of date: run python experiments/render.py"
+
+
+@pytest.mark.unit
+def test_experiments_readme_copies_no_figure_by_hand():
+    """Outside the rendered blocks the page says how to run and what it costs: no measured spread (±) and no
+    three-decimal figure (a WER, a ratio) that could drift from the reports."""
+    text = re.sub(r"<!-- render:([\w-]+) -->.*?<!-- /render:\1 -->", "", (REPO / "experiments" / "README.md").read_text(),
+                  flags=re.S)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # commands
+    copied = re.findall(r"[^\n]*(?:±|\b\d+\.\d{3,})[^\n]*", text)
+    assert not copied, copied

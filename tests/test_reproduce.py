@@ -243,3 +243,44 @@ def test_bad_data_and_size_flags_are_one_line(tmp_path):
     assert out.returncode != 0 and "only --size tiny is supported for kubo" in out.stderr
     out = run("tian", "--help")
     assert out.returncode == 0 and "Budgets:" in out.stdout and "NeMo's Conformer S / M / L" in out.stdout
+
+
+def _study():
+    sys.path.insert(0, str(REPO / "experiments"))
+    import study
+
+    return study
+
+
+@pytest.mark.unit
+def test_the_verdict_rule_is_a_paired_t_test():
+    study = _study()
+    stats = pytest.importorskip("scipy.stats")
+    assert [round(float(stats.t.ppf(0.975, df)), 3) for df in range(1, 31)] == list(study.T975)
+    # the old rule (every seed's sign and a mean beyond 2 SE) called this reproduced; t = 3.46 < 4.30 at n = 3
+    assert study.verdict([0.01, 0.02, 0.03], +1, "spread") == "inconclusive (spread)"
+    assert study.verdict([0.010, 0.012, 0.011], +1, "spread") == "reproduced"
+    assert study.verdict([-0.010, -0.012, -0.011], +1, "spread") == "refuted"
+    assert study.verdict([0.02, 0.021, 0.019, 0.05, 0.04], -1, "spread") == "refuted"  # n = 5: t₀.₉₇₅ = 2.78
+    assert study.verdict([0.01], +1, "spread") == "inconclusive (1 seed)"
+    assert study.verdict([0.01, 0.01], +1, "spread") == "reproduced"  # identical differences: sd 0, t infinite
+    assert (study.size_word(-0.046, -0.087), study.size_word(1.76, 0.06), study.size_word(0.01, 0.2)) == (
+        "as the paper's", "larger", "smaller")
+    rows = [{"claim": "c", "paper": "p", "measured": "m", "verdict": "v"},
+            {"claim": "d", "paper": "p", "measured": "m", "verdict": "met", "criterion": "benchmark target",
+             "also_tried": [{"setting": "s", "measured": "m2", "verdict": "v2", "note": "chosen after"}]}]
+    table = "\n".join(study.claims_table(rows))
+    assert "| c | p | m | paired t-test | **v** |" in table and "| d | p | m | benchmark target | **met** |" in table
+    assert "- *d* — s: m2 → **v2** (chosen after)" in table and rows[0]["criterion"] == study.T_TEST
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("paper", ["zhou", "tian", "kubo", "fernandez-lopez"])
+def test_every_committed_claim_names_its_criterion_and_what_else_was_tried(paper):
+    for name in ("REPORT.json", "REPORT_small.json"):
+        rows = json.loads((RESULTS / paper / name).read_text())["claims"]
+        for row in rows:
+            assert row["criterion"] and isinstance(row["also_tried"], list), row
+            assert all({"setting", "measured", "verdict"} <= set(t) for t in row["also_tried"]), row
+        report = (RESULTS / paper / name.replace(".json", ".md")).read_text()
+        assert "**Verdict rule.**" in report and "| claim | paper says | we measured | criterion | verdict |" in report

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from study import VERDICT_RULE, claims_table, ensure_corpus, fmt, verdict, write_report
+from study import VERDICT_RULE, claims_table, ensure_corpus, fmt, size_word, verdict, write_report
 
 BUDGETS = {  # layers, epochs (None: steps), steps, seeds, probe every n epochs, re-rand draws, model overrides
     "smoke": {"layers": 2, "epochs": None, "steps": 8, "seeds": [0], "every": None, "draws": 1,
@@ -108,6 +108,20 @@ def norm_claims(studies: dict[str, dict[int, list[dict]]], layers: int) -> list[
     rows.append({"claim": "re-init is gentler than re-rand", "paper": "re-init usually gives slightly better WER",
                  "measured": f"GN, mean over blocks, re-rand − re-init ΔWER: {fmt(d)}",
                  "verdict": verdict(d, +1, "spread covers the effect")})
+    counts = [n_ambient(gn, s) for s in seeds]
+    rows.append({"claim": "ambient layers exist (some blocks reset without significant penalty)",
+                 "paper": "some layers can be re-randomized with little WER change",
+                 "measured": f"GroupNorm, {layers} blocks: blocks whose re-rand ΔWER interval reaches 0, per seed "
+                             f"{counts}",
+                 "criterion": "count: at least one such block in every seed (the probe's `ci` rule: a block not "
+                              "significantly worse than the baseline, 95 % paired bootstrap over utterances)",
+                 "verdict": (f"inconclusive ({len(counts)} seed)" if len(counts) < 2 else
+                             "reproduced" if min(counts) >= 1 else "not in every seed"),
+                 "also_tried": [{"setting": "an absolute cut: mean re-rand ΔWER of blocks 0–1 below 0.03 in every "
+                                            "seed (the earlier report's; dropped for the rule above)",
+                                 "measured": fmt([statistics.mean(gn[s][-1]["delta_wer"]["rerand"][:2])
+                                                  for s in seeds]),
+                                 "verdict": "not used"}]})
     base = {a: [studies[a][s][-1]["baseline_wer"] for s in sorted(studies[a])] for a in ARMS}
     d = [gn[s][-1]["baseline_wer"] - bn[s][-1]["baseline_wer"] for s in seeds]
     rows.append({"claim": "GroupNorm costs little WER against BatchNorm (Guliani et al.)",
@@ -188,14 +202,10 @@ def landed_claims(results: Path) -> list[dict]:
         rows.append({"claim": "larger (deeper) models have more ambient layers",
                      "paper": "more ambient layers in larger models (ConformerL > M > S)",
                      "measured": f"blocks within 10% of baseline WER after re-rand: 4 layers {l4}, 8 layers {l8} per "
-                                 f"seed ([stability](../stability.md))",
+                                 f"seed ([stability](../stability.md)); 8 − 4 layers {fmt(d, '+.2f')}",
+                     "criterion": "paired t-test on the per-seed counts (the probe's 10 % relative rule: these "
+                                  "probes have no intervals)",
                      "verdict": verdict(d, +1, "counts overlap")})
-        first = [statistics.mean(b["delta_wer"]["rerand"][:2]) for n, b in sorted(blocks.items()) if n.startswith("L8_")]
-        rows.append({"claim": "ambient layers exist (some blocks reset without significant penalty)",
-                     "paper": "some layers can be re-randomized with little WER change",
-                     "measured": f"8 layers: re-rand ΔWER of blocks 0–1 {fmt(first)} against baselines "
-                                 f"{fmt([b['baseline_wer'] for n, b in sorted(blocks.items()) if n.startswith('L8_')], '.3f')}",
-                     "verdict": "reproduced" if first and max(first) < 0.03 else "inconclusive"})
     stab = results / "stability.json"
     if stab.is_file():
         s = json.loads(stab.read_text())
@@ -204,25 +214,62 @@ def landed_claims(results: Path) -> list[dict]:
                      "paper": "5 seeds per size; larger models more stable",
                      "measured": f"8 layers, 3 seeds: mean Spearman of block rankings {', '.join(f'{r:.2f}' for r in rho)}"
                                  " (re-rand, re-init)",
+                     "criterion": "threshold of ours: every mean Spearman ≥ 0.8 (the paper gives no number)",
                      "verdict": "reproduced" if rho and min(rho) >= 0.8 else "inconclusive"})
-    fd = sorted(runs.glob("fd_L8_r75b10-ffn-head-conv_seed*/result.json"))
-    if fd:
-        res = [json.loads(p.read_text())["plans"] for p in fd]
-        d = [r["Amb-2"]["wer"][-1] - r["Crit-2"]["wer"][-1] for r in res]
-        rel = statistics.mean(d) / statistics.mean(r["Crit-2"]["wer"][-1] for r in res)
-        rows.append({"claim": "targeting ambient layers beats targeting critical ones (Table 3)",
-                     "paper": "Amb-2 50% 6.3 vs Crit-2 50% 6.9 WER: 11–12% relative at the same dropped parameters",
-                     "measured": f"75% dropout on 2 blocks: Amb-2 − Crit-2 final WER {fmt(d)} ({rel:+.1%} relative; "
-                                 f"[Table 3](../fd_table3_L8_r75b10-ffn-head-conv.md))",
-                     "verdict": verdict(d, -1, "spread covers the effect") + (" in direction; the effect is smaller"
-                                                                                if abs(rel) < 0.11 else "")})
-        flat = next(k for k in res[0] if k.startswith("Flat"))
-        d = [r["Amb-2"]["wer"][-1] - r[flat]["wer"][-1] for r in res]
-        rows.append({"claim": "Amb-n matches a flat rate that drops fewer parameters",
-                     "paper": "Amb-4 50% reaches Flat 20%'s WER while dropping more parameters",
-                     "measured": f"Amb-2 − {flat} at about the same client size: {fmt(d)}",
-                     "verdict": verdict(d, -1, "level with Flat")})
+    declared = table3(runs, "fd_L8_seed*", "50 % dropout of FFN units on 2 blocks, 10 % elsewhere (the "
+                                                         "paper's rates and kind)")
+    later = table3(runs, "fd_L8_r75b10-ffn-head-conv_seed*", "75 % dropout of FFN units, heads and conv groups on "
+                                                               "2 blocks, 10 % elsewhere")
+    if declared or later:
+        main, other = (declared, later) if declared else (later, None)
+        note = "chosen after the 50 % FFN-only run showed no difference, to make the plans differ"
+        for i, row in enumerate(main):
+            if other:
+                row["also_tried"] = [{**other[i]["tried"], "note": note}]
+            elif main is later:
+                row["measured"] += f" ({note})"
+            rows.append({k: v for k, v in row.items() if k != "tried"})
     return rows
+
+
+PAPER_GAP = (6.3 - 6.9) / 6.9  # Zhou Table 3: Amb-2 50 % vs Crit-2 50 % WER on SF, relative (-8.7 %)
+
+
+def table3(runs: Path, pattern: str, setting: str) -> list[dict]:
+    """The Table 3 rows from one setting's runs (one per seed): ambient vs critical targeting, and vs a flat rate."""
+    paths = sorted(runs.glob(f"{pattern}/result.json"))
+    if not paths:
+        return []
+    res = [json.loads(p.read_text())["plans"] for p in paths]
+    d = [r["Amb-2"]["wer"][-1] - r["Crit-2"]["wer"][-1] for r in res]
+    rel = statistics.mean(d) / statistics.mean(r["Crit-2"]["wer"][-1] for r in res)
+    judged = verdict(d, -1, "spread covers the effect")
+    if judged == "reproduced":
+        judged += f" in direction; size {size_word(rel, PAPER_GAP)} ({rel:+.1%} vs {PAPER_GAP:+.1%})"
+    gap = {"setting": setting, "measured": f"Amb-2 − Crit-2 final WER {fmt(d)} ({rel:+.1%} relative)",
+           "verdict": judged}
+    table = Path(paths[0]).parent.name.rsplit("_seed", 1)[0].replace("fd_", "fd_table3_", 1)
+    flat = next(k for k in res[0] if k.startswith("Flat"))
+    f = [r["Amb-2"]["wer"][-1] - r[flat]["wer"][-1] for r in res]
+    level = {"setting": setting, "measured": f"Amb-2 − {flat} at about the same client size: {fmt(f)}",
+             "verdict": verdict(f, -1, "level with Flat")}
+    return [{"claim": "targeting ambient layers beats targeting critical ones (Table 3)",
+             "paper": "Amb-2 50% 6.3 vs Crit-2 50% 6.9 WER: 8.7 % relative at the same dropped parameters (the "
+                      "11–12 % are the parameter-matched pairs Amb-2 vs Crit-3 and Amb-3 vs Crit-4)",
+             "measured": f"{setting}: {gap['measured']} ([Table 3](../{table}.md))",
+             "criterion": "paired t-test; size against the paper's −8.7 %", "verdict": judged, "tried": gap},
+            {"claim": "Amb-n matches a flat rate that drops fewer parameters",
+             "paper": "Amb-4 50% reaches Flat 20%'s WER while dropping more parameters",
+             "measured": f"{setting}: {level['measured']}", "verdict": level["verdict"], "tried": level}]
+
+
+def runs_done(root: Path) -> int:
+    return len(list(root.glob("runs/*/done.json")))
+
+
+def total_hours(root: Path) -> float:
+    """Training time of the runs under ``root`` (their done.json), in hours."""
+    return sum(json.loads(p.read_text()).get("seconds", 0.0) for p in root.glob("runs/*/done.json")) / 3600
 
 
 def run(args) -> Path:
@@ -247,6 +294,18 @@ def run(args) -> Path:
              f"paired-bootstrap intervals over the dev utterances), device {args.device}. Run with "
              f"`python experiments/reproduce.py zhou --budget {args.budget}`; runs are under "
              f"`{root.relative_to(results)}`.",
+             "", "Deviations: Zhou et al. probe RNN-T Conformer S / M / L (16–17 layers) trained on LibriSpeech, and "
+             "run Table 3 by adapting a streaming Conformer with federated dropout on held-out data of another "
+             "domain; here a tiny GroupNorm Conformer-CTC (d_model 144, 8 "
+             "layers) trains for " + length + " on a synthetic command corpus, so only relative effects compare. "
+             "3 seeds where the paper runs 5 for its stability figure (Fig. 4; our Table 3 study has 5): seeds 3 and 4 "
+             "at 4 and 8 layers (4 runs) and of the three norm arms (6 runs) would take about "
+             f"{10 * total_hours(root) / max(1, runs_done(root)):.1f} h of this 2-core CPU at the "
+             f"{60 * total_hours(root) / max(1, runs_done(root)):.0f} minutes a run these took, and were not run. Depth stands in for size (4 vs 8 layers at one width). "
+             "Ambient means: the block's re-rand ΔWER interval reaches 0 (the probe's `ci` rule), except where a "
+             "row says otherwise. Table 3 (12 held-out speakers as Flower clients) runs at the paper's rates (50 % "
+             "of FFN units on 2 blocks, 10 % elsewhere) and, after that showed no difference, at 75 % of FFN units, "
+             "heads and conv groups (listed under *Also tried*).",
              "", VERDICT_RULE, "", *claims_table(rows)]
     lines += ["", "## Per-block ΔWER at the end of training", "",
               "| norm | seed | baseline WER | re-rand ΔWER per block [95% CI of block 0] | re-init ΔWER per block |",
