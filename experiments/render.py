@@ -59,10 +59,36 @@ def verdicts(paper: str) -> list[str]:
     return out
 
 
+# LibriSpeech 960 h: 281,241 training utterances (12.3 s on average)
+LIBRISPEECH = {"utterances": 281_241, "hours": 960.9}
+
+
+def librispeech_cost(bench: Path = REPO / "benchmarks" / "results" / "encoder_step_cuda_large.json") -> list[str]:
+    """What ``reproduce.py tian --budget full --size L`` would cost on LibriSpeech 960 h on one GPU, from the measured
+    Conformer-L encoder step (the computation is spelled out in the text it returns)."""
+    b = json.loads(bench.read_text())
+    cfg, step = b["config"], b["median_s"]["layerfx_group_norm"]
+    padded = (100 + 300 * cfg["batch"] / (cfg["batch"] + 1)) / 100  # E[longest of the batch] of U{1..4 s}, seconds
+    mean = LIBRISPEECH["hours"] * 3600 / LIBRISPEECH["utterances"]
+    layers, epochs, arms, seeds = 8, 12, 4, 3  # Tian's depth; the full budget: 12 epochs, 4 models, 3 seeds
+    per_step = step / cfg["layers"] * layers * mean / padded
+    steps = epochs * -(-LIBRISPEECH["utterances"] // cfg["batch"])
+    hours = arms * seeds * steps * per_step / 3600
+    return [f"Estimated cost, computed from measured step times: one step of our Conformer-L encoder (d_model "
+            f"{cfg['d_model']}, {cfg['layers']} layers, forward and backward, batch {cfg['batch']} padded to about "
+            f"{padded:.1f} s) took {step:.2f} s on an {b['device_name']} "
+            f"([encoder_step_cuda_large.json](benchmarks/results/encoder_step_cuda_large.json)). Scaled to Tian's "
+            f"{layers} layers and to LibriSpeech's {mean:.1f}-s average utterance (linear in length, so a lower "
+            f"bound: attention grows faster), a step costs about {per_step:.2f} s; the full budget is {arms} models × "
+            f"{seeds} seeds × {epochs} epochs of {steps // epochs:,} steps, about **{hours:.0f} GPU-hours** on one "
+            f"such GPU for the encoder alone (the decoder, the loss, data loading and the sweeps come on top; the "
+            f"sampled-depth models run fewer layers per step)."]
+
+
 def blocks(doc: Path) -> dict[str, list[str]]:
     """What each block of ``doc`` should hold."""
     prefix = "experiments/results/" if doc.name == "README.md" and doc.parent == REPO else "results/"
-    out = {"summary": summary(prefix)}
+    out = {"summary": summary(prefix), "librispeech-cost": librispeech_cost()}
     out.update({f"verdicts-{p}": verdicts(p) for p in PAPERS})
     return out
 

@@ -14,12 +14,17 @@ Data: the offline corpus (``--corpus``, made if missing), or your own NeMo manif
 the tiny preset's width (d_model 144) or NeMo's Conformer S / M / L (d_model 176 / 256 / 512, kernel 31); the depth
 is each paper's. Results go to experiments/results for the defaults, else to a folder of their own under runs/
 (``--out`` to choose), so runs on other data or sizes never mix with the committed ones.
+
+Devices: ``--devices N`` trains every run on N devices with DDP (N processes on a CPU), each device taking 1/N of
+the global batch; the other ranks are started by Lightning running this command again, and all ranks go through
+the same runs in the same order.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -77,10 +82,33 @@ def parser() -> argparse.ArgumentParser:
                             "(give all four instead of --corpus)")
     p.add_argument("--size", default="tiny", choices=list(SIZES), help="model width: the tiny preset or NeMo's S/M/L")
     p.add_argument("--accelerator", "--device", dest="device", default="cpu", choices=["cpu", "cuda", "gpu"],
-                   help="where the models train (one device)")
+                   help="where the models train")
+    p.add_argument("--devices", type=int, default=1,
+                   help="train every run on N devices (DDP; N processes on a CPU) at the preset's global batch: "
+                        "each device takes batch / N (N must divide it)")
     p.add_argument("--out", default=None, help="results root (default: experiments/results for the offline corpus "
                                                "and the tiny size, else runs/reproduce/<size>_<data>)")
     return p
+
+
+def device_overrides(devices: int) -> list[str]:
+    """Config overrides that train each run on ``devices`` devices at the preset's global batch (DDP).
+
+    Lightning starts the other ranks by running this command again; every rank goes through the same runs in the
+    same order (what is on disk decides which runs are left, and the ranks start together at the first fit), the
+    trainings are collective, and the work after a fit (sweeps, probes, reports) runs on every rank with the same
+    weights and writes the same files."""
+    if devices < 1:
+        raise SystemExit(f"reproduce.py: error: --devices {devices}: must be >= 1")
+    if devices == 1:
+        return []
+    from nemo_layerfx.train import compose_config
+
+    batch = int(compose_config("conformer_gn_tiny").model.train_ds.batch_size)
+    if batch % devices:
+        raise SystemExit(f"reproduce.py: error: --devices {devices} must divide the global batch {batch} (each "
+                         f"device takes an equal share)")
+    return [f"trainer.devices={devices}", "trainer.strategy=ddp", f"model.train_ds.batch_size={batch // devices}"]
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -92,13 +120,14 @@ def main(argv: list[str] | None = None) -> Path:
     sys.path.insert(0, str(HERE))
     import study
 
-    custom = bool(given) or args.size != "tiny"
+    custom = bool(given) or args.size != "tiny" or args.devices > 1  # the committed results are 1-device runs
     root = Path(args.out) if args.out else (HERE / "results" if not custom else None)
     if given:
         args.corpus = str(study.corpus_view(args.train, args.dev, args.test, args.tokenizer,
                                             root or Path("runs/reproduce")))
     if root is None:
-        root = Path("runs/reproduce") / f"{args.size}_{Path(args.corpus).name}"
+        root = Path("runs/reproduce") / (f"{args.size}_{Path(args.corpus).name}"
+                                          + (f"_{args.devices}dev" if args.devices > 1 else ""))
     args.out = str(root)
     if custom:
         study.SETTING = (f"model size {args.size}" + (f" ({', '.join(o.split('.')[-1] for o in SIZES[args.size])})"
@@ -110,9 +139,12 @@ def main(argv: list[str] | None = None) -> Path:
                          "presets of the tiny width; only --size tiny is supported for kubo")
     # every study the paper's module trains takes these after its budget's own overrides (smoke keeps its own
     # shrunken model: the tests' budget)
-    args.model_overrides = SIZES[args.size] if args.budget != "smoke" else []
+    args.model_overrides = (SIZES[args.size] if args.budget != "smoke" else []) + device_overrides(args.devices)
+    if args.devices > 1:
+        study.SETTING = (study.SETTING + "; " if study.SETTING else "") + f"{args.devices} devices (DDP) per run"
     report = importlib.import_module(PAPERS[args.paper]).run(args)
-    print(f"report: {report}")
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":  # one line, not N
+        print(f"report: {report}")
     return report
 
 

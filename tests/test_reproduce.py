@@ -18,9 +18,10 @@ pytestmark = pytest.mark.slow  # end-to-end: left out of `scripts/test.sh --fast
 RESULTS = REPO / "experiments" / "results"
 
 
-def reproduce(corpus, out, paper="zhou") -> subprocess.CompletedProcess:
+def reproduce(corpus, out, paper="zhou", *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "experiments" / "reproduce.py"), paper, "--budget", "smoke",
-                           "--corpus", str(corpus), "--out", str(out)], capture_output=True, text=True, timeout=900)
+                           "--corpus", str(corpus), "--out", str(out), *extra], capture_output=True, text=True,
+                          timeout=900)
 
 
 @pytest.mark.integration
@@ -284,3 +285,24 @@ def test_every_committed_claim_names_its_criterion_and_what_else_was_tried(paper
             assert all({"setting", "measured", "verdict"} <= set(t) for t in row["also_tried"]), row
         report = (RESULTS / paper / name.replace(".json", ".md")).read_text()
         assert "**Verdict rule.**" in report and "| claim | paper says | we measured | criterion | verdict |" in report
+
+
+@pytest.mark.integration
+def test_a_reproduction_trains_every_run_on_two_processes(corpus, tian_smoke, tmp_path):
+    """--devices 2: each run is a 2-process DDP fit (gloo on a CPU) at the preset's global batch; Lightning starts
+    rank 1 by running the command again, both ranks go through the same runs, one report line is printed."""
+    done = reproduce(corpus, tmp_path, "tian", "--devices", "2")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("report: ") == 1, done.stdout[-2000:]
+    text = done.stdout + done.stderr
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in text  # a second process took part
+    report = json.loads((tmp_path / "tian" / "REPORT_smoke.json").read_text())
+    assert "2 devices (DDP) per run" in report["setting"]
+    runs = {p.parent.name: json.loads(p.read_text())
+            for p in tmp_path.glob("runs/layer_reduction_L8_smoke/*/result.json")}
+    single = {p.parent.name: json.loads(p.read_text())
+              for p in tian_smoke[0].glob("runs/layer_reduction_L8_smoke/*/result.json")}
+    assert set(runs) == set(single) and len(runs) == 4
+    assert all(runs[k]["params"] == single[k]["params"] for k in runs)  # the same models, trained on 2 ranks
+    bad = reproduce(corpus, tmp_path, "tian", "--devices", "3")
+    assert bad.returncode != 0 and "--devices 3 must divide the global batch" in bad.stderr

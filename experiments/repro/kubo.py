@@ -87,7 +87,8 @@ def study_args(args, spec: dict, **schedule) -> argparse.Namespace:
     overrides, and the gates' ``schedule`` (``k_share``, ``c0``)."""
     cap = [f"trainer.max_steps={spec['max_steps']}"] if spec["max_steps"] else []
     return argparse.Namespace(corpus=args.corpus, layers=LAYERS, epochs=spec["epochs"], max_steps=spec["max_steps"],
-                              tag=spec["tag"], device=args.device, model=spec["model"] + cap, **schedule)
+                              tag=spec["tag"], device=args.device, model=spec["model"] + cap + args.model_overrides,
+                              **schedule)
 
 
 def long_schedule(args, budget: dict, results: Path) -> tuple[list[dict], argparse.Namespace]:
