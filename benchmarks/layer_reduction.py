@@ -31,19 +31,20 @@ from nemo.utils import logging
 
 from common import ctc_step, encoder_forward, length_batches, machine, median_ratio, time_interleaved
 from nemo_layerfx.depth import DepthSampler
+from nemo_layerfx.encoder import EncoderExtension
 from nemo_layerfx.models import count_params
 from nemo_layerfx.train import compose_config
 
 TARGETS = {"sampling_overhead": 1.03, "inference_vs_built": 1.03}
 
 
-class FixedDepth:
-    """A depth sampler that always answers ``depth`` (the fixed-depth reference step)."""
+class FixedDepth(EncoderExtension):
+    """A depth source that always answers ``depth`` (the fixed-depth reference step)."""
 
     def __init__(self, depth: int):
         self.depth_value = depth
 
-    def depth(self) -> int:
+    def training_depth(self, encoder) -> int:
         return self.depth_value
 
 
@@ -71,11 +72,12 @@ def train_costs(model, batch, steps: list[int], rounds: int) -> dict:
     drawn step also a step at full depth."""
     audio, lengths, texts = batch
     enc = model.encoder
-    sampler = enc.depth_sampler
+    sampler = enc.extension("depth_sampling")
     step = ctc_step(model, audio, lengths, texts, "adamw")
 
     def timed(depth_source) -> float:
-        enc.depth_sampler = depth_source
+        enc.remove_extension("depth_sampling")
+        enc.add_extension("depth_sampling", depth_source)
         t0 = time.perf_counter()
         step()
         return time.perf_counter() - t0
@@ -90,7 +92,8 @@ def train_costs(model, batch, steps: list[int], rounds: int) -> dict:
                 times[name].append(timed(source))
             if k % 2 == 0:
                 times["depth8"].append(timed(FixedDepth(len(enc.layers))))
-    enc.depth_sampler = sampler
+    enc.remove_extension("depth_sampling")
+    enc.add_extension("depth_sampling", sampler)
     return {"sampled_s": times["sampled"], "fixed_same_depth_s": times["fixed"], "depth8_s": times["depth8"],
             "overhead": median_ratio(times["sampled"], times["fixed"]),  # per drawn step: same depth, same batch
             "speedup_vs_depth8": statistics.mean(times["depth8"]) / statistics.mean(times["sampled"])}

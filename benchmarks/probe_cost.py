@@ -26,9 +26,9 @@ import torch
 import nemo_layerfx
 from nemo.collections.asr.models import EncDecCTCModelBPE
 from nemo.utils import logging
+from nemo_layerfx.evaluate import audio_batches, decode, read_manifest, wer
 from nemo_layerfx.importance import (
-    ProbeConfig, audio_batches, decode, fresh_draw, init_state, layer_snapshot, probe, probe_units, read_manifest,
-    swapped, wer,
+    ProbeConfig, fresh_draw, init_state, layer_snapshot, probe, probe_units, swapped,
 )
 from nemo_layerfx.train import compose_config
 

@@ -128,3 +128,30 @@ def test_a_lazy_export_is_seen_as_an_import(tmp_path):
     source = tmp_path / "m.py"
     source.write_text('__getattr__, __dir__, __all__ = attach(__name__, {"f": "nemo_layerfx.fd.plan"})\n')
     assert imports(source, {"nemo_layerfx.fd.plan"}) == {"nemo_layerfx.fd.plan"}
+
+
+@pytest.mark.slow  # imports every module the scripts name
+def test_every_import_of_the_package_resolves():
+    """Benchmarks, experiments, notebooks, examples and tests import names from the package; a name that moved (a
+    dropped alias) must fail here, not on the GPU machine that finally runs a benchmark."""
+    import importlib
+    import importlib.util
+    import json
+    import sys
+
+    sys.path[:0] = [str(PACKAGE.parent / d) for d in ("experiments", "benchmarks", "tests")]
+    sources = [(p, p.read_text()) for d in ("benchmarks", "experiments", "examples", "scripts", "tests", "nemo_layerfx")
+               for p in (PACKAGE.parent / d).rglob("*.py")]
+    for nb in (PACKAGE.parent / "notebooks").glob("*.ipynb"):
+        cells = [c for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code"]
+        sources.append((nb, "\n".join("".join(c["source"]) for c in cells
+                                      if not "".join(c["source"]).lstrip().startswith(("!", "%")))))
+    missing = []
+    for path, text in sources:
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("nemo_layerfx"):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                        missing.append(f"{path.relative_to(PACKAGE.parent)}: {node.module}.{alias.name}")
+    assert not missing, missing
