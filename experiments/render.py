@@ -54,8 +54,7 @@ def verdicts(paper: str) -> list[str]:
     out = ["| claim | criterion | verdict |", "|---|---|---|"]
     for row in claims(paper):
         out.append(f"| {row['claim']} | {row['criterion']} | {row['verdict']} |")
-        out += [f"| ↳ also tried: {t['setting']} | | {t['verdict']} |" for t in row.get("also_tried", [])
-                if t["verdict"] not in ("not used",)]
+        out += [f"| ↳ also tried: {t['setting']} | | {t['verdict']} |" for t in row.get("also_tried", [])]
     return out
 
 

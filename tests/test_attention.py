@@ -298,8 +298,7 @@ def test_inference_masking_by_addition_equals_nemos_masked_fill_bit_for_bit(cont
 def test_importing_the_package_installs_no_process_wide_hooks():
     """The inference cache's optimizer and registration hooks are installed by the first kept value, not by
     ``import nemo_layerfx``: a process that never runs our inference path is left as it was."""
-    import subprocess
-    import sys
+    from conftest import fresh_python
 
     code = (
         "import torch, nemo_layerfx\n"
@@ -313,6 +312,4 @@ def test_importing_the_package_installs_no_process_wide_hooks():
         "with torch.no_grad():\n"
         "    enc(audio_signal=torch.randn(1, 16, 40), length=torch.tensor([40]))\n"
         "print(before, (len(optimizer._global_optimizer_post_hooks), inference.watching()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "(0, 0, False) (1, True)"
+    assert fresh_python(code) == "(0, 0, False) (1, True)"

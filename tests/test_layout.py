@@ -106,8 +106,7 @@ def test_the_rules_can_fail(tmp_path):
 def test_config_modules_and_the_parser_import_without_nemo():
     """``layerfx``'s flag checks call the config classes' own validation, so those modules must load without NeMo
     (the lazy package imports); ``import nemo_layerfx`` itself loads none of the capabilities."""
-    import subprocess
-    import sys
+    from conftest import fresh_python
 
     code = ("import sys\n"
             "import nemo_layerfx, nemo_layerfx_cli\n"
@@ -117,10 +116,9 @@ def test_config_modules_and_the_parser_import_without_nemo():
             "LowRankConfig(att=[0.1, 0.2]); ProbeConfig(draws=2); AdaptiveDropoutConfig()\n"
             "print(sorted(m for m in sys.modules if m == 'nemo' or m.startswith(('nemo.', 'lightning'))),"
             " sorted(m for m in sys.modules if m.startswith('nemo_layerfx.') and m.count('.') == 1))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    nemo, ours = out.stdout.strip().splitlines()[-1].split("] [")
-    assert nemo == "[" and "encoder" not in ours, out.stdout
+    line = fresh_python(code, timeout=120)
+    nemo, ours = line.split("] [")
+    assert nemo == "[" and "encoder" not in ours, line
 
 
 @pytest.mark.unit

@@ -367,9 +367,8 @@ def stock_encoder_config(encoder_cfg: Any) -> dict:
         if cfg.pop(key, None) is not None:
             raise ValueError(f"encoder uses {key}, which stock NeMo ConformerEncoder cannot express"
                              + (" (run `layerfx unshare` first)" if key == "share_layers" else ""))
-    for key in [k for k in cfg if encoder_option(k) is not None]:
-        option = encoder_option(key)
-        if cfg.pop(key, None) is None:
+    for key, option in [(k, encoder_option(k)) for k in cfg]:
+        if option is None or cfg.pop(key) is None:
             continue
         if not option.training_only:
             raise ValueError(f"encoder uses the nemo_layerfx option {key!r}, which stock NeMo ConformerEncoder cannot "

@@ -21,13 +21,12 @@ def simulate(cfg: FLConfig) -> dict:
         raise ImportError("federated runs need Flower: pip install 'nemo_layerfx[federated]'") from e
     from nemo_layerfx.fl.client_app import client_app_for
     from nemo_layerfx.fl.server_app import make_server_app
-    from nemo_layerfx.fl.task import check_run, client_manifests, read_metrics
+    from nemo_layerfx.fl.task import check_run, read_metrics
 
     # Ray workers may start elsewhere: every path absolute
     cfg = replace(cfg, model=str(Path(cfg.model).resolve()), corpus=str(Path(cfg.corpus).resolve()),
                   out=str(Path(cfg.out).resolve()))
-    check_run(cfg)
-    n = len(client_manifests(cfg))
+    n = check_run(cfg)  # every input checked; the number of clients
     gpu = cfg.accelerator not in ("cpu",)
     run_simulation(server_app=make_server_app(cfg), client_app=client_app_for(cfg), num_supernodes=n,
                    backend_config={"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 1.0 if gpu else 0.0},

@@ -24,7 +24,7 @@ from torch import nn
 
 from nemo_layerfx.encoder import ENCODER_TARGET, layer_sets
 from nemo_layerfx.options import EncoderOption
-from nemo_layerfx.lowrank.config import GROUPS, TARGET_KINDS, LowRankConfig
+from nemo_layerfx.lowrank.config import GROUPS, LowRankConfig
 from nemo_layerfx.lowrank.linear import LowRankLinear
 from nemo_layerfx.models import (
     adopt_, check_output, clone_model, conformer_encoder, count_params, restore, save_nemo,
@@ -52,7 +52,7 @@ def factorize_(encoder: nn.Module, config: LowRankConfig, init: str | None = Non
     for b, layer in enumerate(sets):
         for group in GROUPS:
             for path in linears(group):
-                if path.rsplit(".", 1)[1] not in kinds or TARGET_KINDS[path.rsplit(".", 1)[1]] != group:
+                if path.rsplit(".", 1)[1] not in kinds:
                     continue
                 module = find_module(layer, path)
                 if module is None:  # e.g. linear_pos exists only with rel_pos attention
