@@ -1,4 +1,4 @@
-"""Federated dropout on Flower's simulation engine: real NeMo clients, faults, atomic checkpoints, exact resume."""
+"""Federated dropout on Flower's simulation runtime (`flwr run`): real NeMo clients, faults, atomic checkpoints, exact resume."""
 
 from __future__ import annotations
 
@@ -100,6 +100,9 @@ def test_federated_run_drops_faulty_clients_and_a_killed_run_resumes_to_the_same
     proc.wait()
     at_kill = torch.load(killed / "checkpoint.pt", weights_only=True)["round"]
     assert 1 <= at_kill < 3, f"the kill came too late (round {at_kill} was checkpointed)"
+    time.sleep(4)  # nothing runs on: Flower's ServerApp process (its own session) ended with the killed command
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["round"] == at_kill
+    assert len(rows(killed)) == at_kill + 1
     resumed = run(fl_command(global_nemo, corpus, killed, 3, *FAULTS))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     again = torch.load(killed / "checkpoint.pt", weights_only=True)

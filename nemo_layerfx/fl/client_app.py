@@ -41,30 +41,47 @@ def client_query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"partition-id": pid})}), reply_to=msg)
 
 
-def make_client_app(cfg: FLConfig | None = None) -> ClientApp:
-    """A ClientApp for ``cfg`` (simulation), or reading ``context.run_config`` (``flwr run`` deployments)."""
+def make_client_app() -> ClientApp:
+    """Our ClientApp: it reads the run's FLConfig from ``context.run_config`` (``flwr run``, simulated or deployed).
+    When the config names another client app (``client_app``), every message goes to that one instead."""
     app = ClientApp()
-    app.query()(client_query)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        cfg = run_config(context)
+        return client_app_for(cfg)(msg, context) if cfg.client_app else client_query(msg, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return client_train(msg, context, cfg if cfg is not None else FLConfig.from_mapping(context.run_config))
+        cfg = run_config(context)
+        return client_app_for(cfg)(msg, context) if cfg.client_app else client_train(msg, context, cfg)
 
     return app
 
 
+def run_config(context: Context) -> FLConfig:
+    return FLConfig.from_mapping(context.run_config)
+
+
+_CUSTOM: dict[str, ClientApp] = {}
+
+
 def client_app_for(cfg: FLConfig) -> ClientApp:
-    """The simulation's ClientApp: ours, or the one ``cfg.client_app`` ("module:function") builds from ``cfg``."""
+    """The ClientApp that ``cfg.client_app`` ("module:function") builds from ``cfg`` (built once per process and
+    run config); ours when it is empty."""
     if not cfg.client_app:
-        return make_client_app(cfg)
-    import importlib
+        return app
+    key = json.dumps(cfg.to_run_config(), sort_keys=True)
+    if key not in _CUSTOM:
+        import importlib
 
-    module, _, name = cfg.client_app.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"client_app={cfg.client_app!r}: cannot load it ({e})") from e
-    return factory(cfg)
+        module, _, name = cfg.client_app.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"client_app={cfg.client_app!r}: cannot load it ({e})") from e
+        _CUSTOM[key] = factory(cfg)
+    return _CUSTOM[key]
 
 
-app = make_client_app()  # `flwr run`: [tool.flwr.app.components] clientapp = "nemo_layerfx.fl.client_app:app"
+app = make_client_app()  # the app's component: clientapp = "nemo_layerfx.fl.client_app:app"

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from nemo_layerfx.fl.runtime import watch_owner
 from nemo_layerfx.fl.strategy import FedDropout
 from nemo_layerfx.fl.task import FLConfig, log, plot_metrics
 
@@ -27,15 +29,20 @@ def run_server(grid: Grid, cfg: FLConfig) -> FedDropout:
     return strategy
 
 
-def make_server_app(cfg: FLConfig | None = None) -> ServerApp:
-    """A ServerApp for ``cfg`` (simulation), or reading ``context.run_config`` (``flwr run`` deployments)."""
+def make_server_app() -> ServerApp:
+    """Our ServerApp: it reads the run's FLConfig from ``context.run_config`` (``flwr run``, simulated or deployed)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg if cfg is not None else FLConfig.from_mapping(context.run_config))
+        if os.environ.get("LAYERFX_QUIET_LOGS"):  # started by a `layerfx` command that keeps NeMo's logs quiet
+            from nemo_layerfx.quiet import quiet_console
+
+            quiet_console()
+        watch_owner()  # a simulation: end with the process that started it
+        run_server(grid, FLConfig.from_mapping(context.run_config))
 
     return app
 
 
-app = make_server_app()  # `flwr run`: [tool.flwr.app.components] serverapp = "nemo_layerfx.fl.server_app:app"
+app = make_server_app()  # the app's component: serverapp = "nemo_layerfx.fl.server_app:app"

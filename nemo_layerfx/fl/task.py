@@ -60,7 +60,7 @@ class FLConfig:
     seed: int = 0
     dev_max_utterances: int | None = None
     accelerator: str = "cpu"  # clients' Lightning accelerator
-    client_cpus: float = 1.0  # simulation: CPU cores per client actor (2 clients train at once on 2 cores)
+    client_cpus: int = 1  # simulation: whole CPU cores per client actor (2 clients train at once on 2 cores)
     # another ClientApp for the simulation: "module:function" building it from this config (e.g. the test suite's
     # fault-injecting client, tests/fl_faults.py); "" is ours. ``client_options`` are for it, free-form.
     client_app: str = ""
@@ -75,6 +75,10 @@ class FLConfig:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size} "
                              f"(a local step is batch_size utterances in equal passes): one of {divisors}, or "
                              f"null for one pass")
+        if isinstance(self.client_cpus, bool) or not float(self.client_cpus).is_integer() or self.client_cpus < 1:
+            raise ValueError(f"client_cpus={self.client_cpus!r}: Flower's simulation runtime gives each client a whole "
+                             f"number of CPU cores (>= 1)")
+        self.client_cpus = int(self.client_cpus)
         if self.client_lr <= 0:
             raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
         if self.client_app and (self.client_app.count(":") != 1 or not all(self.client_app.split(":"))):
