@@ -82,22 +82,20 @@ def process_gone(pid: int) -> bool:
         return False
 
 
-def watch_owner() -> None:
-    """In a simulation's ServerApp process: end it, and the Ray processes in its group, as soon as the process that
-    started the simulation is gone (killed, say). Flower's own parent monitor can miss that: its processes start
-    in sessions of their own, and a parent reparented to an init that never reaps stays a zombie, which looks
-    alive. Without this, a killed ``layerfx fl`` leaves its rounds running and checkpointing behind it."""
-    owner = os.environ.get(OWNER)
-    if not owner:
-        return
+def watch_parents() -> None:
+    """In a ServerApp process: end it, and the processes in its group (Ray's, in a simulation), as soon as the
+    process that launched it (Flower's SuperExec) or the one that started the simulation (``simulate``) is gone.
+    Flower's own parent monitor misses a parent that died and was reparented to an init that never reaps it (a
+    zombie looks alive), so a killed ``layerfx fl`` or SuperLink left its rounds running and checkpointing."""
+    watched = [os.getppid()] + ([int(os.environ[OWNER])] if os.environ.get(OWNER) else [])
     import threading
 
     def watch() -> None:
-        while not process_gone(int(owner)):
+        while not any(process_gone(pid) for pid in watched):
             time.sleep(0.2)
         os.killpg(os.getpgid(0), signal.SIGKILL)
 
-    threading.Thread(target=watch, daemon=True, name="layerfx-owner-watch").start()
+    threading.Thread(target=watch, daemon=True, name="layerfx-parent-watch").start()
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -163,7 +161,7 @@ def start_superlink(home: Path, *, simulation: bool, tls: TLS | None = None, por
     """``flower-superlink`` on 127.0.0.1 (one HTTP port for the Fleet, Control and Runtime APIs); returns it and its
     port. Without ``tls`` it runs ``--insecure``: right for a simulation SuperLink, which listens on loopback only
     and has no SuperNodes, and wrong for a deployment across machines. ``owned``: the run's ServerApp ends when this
-    process is gone (``watch_owner``)."""
+    process is gone (``watch_parents``)."""
     home.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     args = [executable("flower-superlink"), "--port", str(port), "--database", database]
@@ -207,3 +205,42 @@ def flwr_run(app: Path, home: Path, connection: str, federation: dict[str, Any] 
     if proc.returncode != 0:
         raise RuntimeError(f"`flwr run` failed ({proc.returncode}):\n{text[-3000:]}")
     return text
+
+
+def start_supernode(home: Path, superlink_port: int, partition: int, num_partitions: int, *, tls: TLS | None = None,
+                    auth_key: Path | None = None) -> Process:
+    """``flower-supernode`` for client ``partition`` of ``num_partitions`` (it trains on the corpus's
+    ``partition``-th client manifest), connected to the SuperLink at 127.0.0.1:``superlink_port``; ``auth_key``: its
+    private key (SSH format, NIST EC curve) when the SuperLink authenticates SuperNodes."""
+    home.mkdir(parents=True, exist_ok=True)
+    args = [executable("flower-supernode"), "--superlink", f"127.0.0.1:{superlink_port}", "--port", str(free_port()),
+            "--node-config", f"partition-id={partition} num-partitions={num_partitions}"]
+    args += ["--root-certificates", str(tls.ca)] if tls else ["--insecure"]
+    args += ["--auth-supernode-private-key", str(auth_key)] if auth_key else []
+    return Process(args, home, home / f"supernode-{partition}.log")
+
+
+def supernode_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's authentication key pair (ECDSA P-384, OpenSSH format, as ``ssh-keygen -t ecdsa -b 384``
+    writes it): (private key, public key)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
+def flwr(home: Path, *args: str) -> str:
+    """Another ``flwr`` command against FLWR_HOME's connections (``supernode register <key.pub>``, ``ls``, …)."""
+    done = subprocess.run([executable("flwr"), *args], env=flower_env(home), capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"`flwr {' '.join(args)}` failed ({done.returncode}):\n{done.stdout[-2000:]}"
+                           f"{done.stderr[-2000:]}")
+    return done.stdout

@@ -8,7 +8,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from nemo_layerfx.fl.runtime import watch_owner
+from nemo_layerfx.fl.runtime import watch_parents
 from nemo_layerfx.fl.strategy import FedDropout
 from nemo_layerfx.fl.task import FLConfig, log, plot_metrics
 
@@ -39,7 +39,7 @@ def make_server_app() -> ServerApp:
             from nemo_layerfx.quiet import quiet_console
 
             quiet_console()
-        watch_owner()  # a simulation: end with the process that started it
+        watch_parents()  # end with the processes that started this one
         run_server(grid, FLConfig.from_mapping(context.run_config))
 
     return app
