@@ -209,6 +209,19 @@ def test_a_deployment_with_tls_and_authenticated_supernodes_trains_as_the_simula
         runtime.flwr(tmp_path / "plain", "ls", "deployment")
 
 
+def processes_with(*words: str) -> list[int]:
+    """The pids of live processes whose command line holds every word."""
+    found = []
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmd.read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if all(any(w in a for a in args) for w in words) and not runtime.process_gone(int(cmd.parent.name)):
+            found.append(int(cmd.parent.name))
+    return found
+
+
 def wait_until(condition, what: str, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -235,6 +248,10 @@ def test_a_deployment_survives_a_killed_supernode_and_a_restarted_superlink(depl
     round1 = rows(out)[1]
     assert [c["client"] for c in round1["clients"]] == [0]
     assert [d["client"] for d in round1["dropped"]] == [1] and "client error" in round1["dropped"][0]["reason"]
+    # Flower 1.42 starts a SuperNode's ClientApp processes without a parent monitor: one that had not yet pulled its
+    # message when the SuperNode died retries forever (ours end themselves once they run: watch_parents)
+    for pid in processes_with("flwr-clientapp", f"127.0.0.1:{node1.args[node1.args.index('--port') + 1]}"):
+        os.kill(pid, signal.SIGKILL)
     # 2. the SuperLink crashes (SIGKILL) during round 2; restarted on its database, SuperNode 1 back, `flwr run` again
     deployment.link.stop(signal.SIGKILL)
     runner.join(timeout=120)
@@ -251,6 +268,27 @@ def test_a_deployment_survives_a_killed_supernode_and_a_restarted_superlink(depl
     assert [r["round"] for r in history] == [0, 1, 2]  # nothing lost, nothing done twice
     assert [c["client"] for c in history[2]["clients"]] == [0, 1]  # node 1 rejoined
     assert torch.load(out / "checkpoint.pt", weights_only=True)["round"] == 2
+
+
+@pytest.mark.unit
+def test_a_flower_process_ends_with_its_parent_even_when_nothing_reaps_that(tmp_path):
+    # parent -> child (watch_parents) ; the parent is SIGKILLed and its own parent, this test, does not reap it yet:
+    # a zombie, which Flower's monitor takes for alive
+    code = ("import os, subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'from nemo_layerfx.fl.runtime import watch_parents; "
+            "watch_parents(); import time; time.sleep(120)'])\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              start_new_session=True)
+    child = int(parent.stdout.readline())
+    time.sleep(3)  # the child is watching
+    assert not runtime.process_gone(child)
+    os.kill(parent.pid, signal.SIGKILL)
+    wait_until(lambda: runtime.process_gone(parent.pid), "the parent to die", 10)
+    assert Path(f"/proc/{parent.pid}").exists()  # a zombie: exited, not reaped
+    wait_until(lambda: runtime.process_gone(child), "the child to end with its parent", 10)
+    parent.wait()
 
 
 @pytest.mark.integration

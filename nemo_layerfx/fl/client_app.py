@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from nemo_layerfx.fd import DropoutPlan, extract
+from nemo_layerfx.fl.runtime import watch_parents
 from nemo_layerfx.surgery import units_from_lists
 from nemo_layerfx.fl.task import FLConfig, base_model, client_manifests, train_submodel
 
@@ -48,15 +50,24 @@ def make_client_app() -> ClientApp:
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
+        watch_client_parents()
         cfg = run_config(context)
         return client_app_for(cfg)(msg, context) if cfg.client_app else client_query(msg, context)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        watch_client_parents()
         cfg = run_config(context)
         return client_app_for(cfg)(msg, context) if cfg.client_app else client_train(msg, context, cfg)
 
     return app
+
+
+def watch_client_parents() -> None:
+    """A deployment's ClientApp process (``flwr-clientapp``) ends with the SuperNode that started it; a simulation's
+    client actors live in Ray's workers, which Ray ends itself."""
+    if os.path.basename(sys.argv[0]) == "flwr-clientapp":
+        watch_parents()
 
 
 def run_config(context: Context) -> FLConfig:

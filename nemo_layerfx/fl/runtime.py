@@ -82,11 +82,18 @@ def process_gone(pid: int) -> bool:
         return False
 
 
+_WATCHING: list[int] = []  # the pid already watching (a process calls watch_parents once per message)
+
+
 def watch_parents() -> None:
-    """In a ServerApp process: end it, and the processes in its group (Ray's, in a simulation), as soon as the
+    """In a ServerApp or ClientApp process: end it, and the processes in its group (Ray's, in a simulation), as soon as the
     process that launched it (Flower's SuperExec) or the one that started the simulation (``simulate``) is gone.
     Flower's own parent monitor misses a parent that died and was reparented to an init that never reaps it (a
-    zombie looks alive), so a killed ``layerfx fl`` or SuperLink left its rounds running and checkpointing."""
+    zombie looks alive), so a killed ``layerfx fl`` or SuperLink left its rounds running and checkpointing, and a
+    killed SuperNode left its ClientApp retrying forever."""
+    if os.getpid() in _WATCHING:
+        return
+    _WATCHING.append(os.getpid())
     watched = [os.getppid()] + ([int(os.environ[OWNER])] if os.environ.get(OWNER) else [])
     import threading
 
