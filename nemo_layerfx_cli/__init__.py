@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--base-rate", type=float, default=0.0, help="with --report: the rate on the other layers")
     ex.add_argument("--seed", type=int, default=0, help="which units are kept")
 
-    fl = _command(sub, "fl", "federated dropout on Flower's simulation engine (conf/federated/*.yaml)",
+    fl = _command(sub, "fl", "federated dropout on Flower's simulation runtime, via flwr run (conf/federated/*.yaml)",
                   "layerfx fl --config-name fd_flat model=runs/pretrained.nemo rounds=5")
     fl.add_argument("--config-name", default="fd_flat",
                     help="fd_flat, fd_ambient, fd_critical, or the path of your own .yaml (same fields)")

@@ -202,3 +202,65 @@ def test_bad_plans_and_models_are_rejected(ctc, tiny_cfg):
                   "model.encoder.conv_norm_type=batch_norm")
     with pytest.raises(ValueError, match="only GroupNormConformerEncoder layers can be sliced.*convert-norm"):
         extract(stock, DropoutPlan.flat(3, 0.5))
+
+
+@pytest.mark.integration
+def test_freeze_spec_names_what_clients_keep_fixed(ctc):
+    from nemo_layerfx.fd import FreezeSpec
+
+    names = [n for n, _ in ctc.named_parameters()]
+    front = FreezeSpec(names=("front_end",)).frozen(ctc)
+    assert front and front == {n for n in names if n.startswith("encoder.pre_encode.")}  # the preprocessor has none
+    conv = FreezeSpec(modules=("conv",)).frozen(ctc)
+    assert conv == {n for n in names if n.startswith("encoder.layers.") and (".conv." in n or ".norm_conv." in n)}
+    assert len(conv) > 4
+    ffn = FreezeSpec(modules=("ffn",)).frozen(ctc)
+    assert {n.split(".")[3] for n in ffn} == {"feed_forward1", "feed_forward2", "norm_feed_forward1",
+                                              "norm_feed_forward2"}
+    report = {"units": ["layers.0", "layers.1", "layers.2"], "delta_wer": {"rerand": [0.5, 0.01, 0.2]}}
+    amb = FreezeSpec(blocks={"report": report, "n": 1, "target": "ambient"}).frozen(ctc)
+    crit = FreezeSpec(blocks={"report": report, "n": 1, "target": "critical"}).frozen(ctc)
+    assert amb == {n for n in names if n.startswith("encoder.layers.1.")}
+    assert crit == {n for n in names if n.startswith("encoder.layers.0.")}
+    assert FreezeSpec(names=("front_end",), modules=("conv",)).frozen(ctc) == front | conv  # they add up
+    assert not FreezeSpec() and FreezeSpec.from_dict({}).frozen(ctc) == set()
+    with pytest.raises(ValueError, match="no parameter of the model starts with 'encoder.nope.'"):
+        FreezeSpec(names=("encoder.nope",)).frozen(ctc)
+    with pytest.raises(ValueError, match="freezes every parameter"):
+        FreezeSpec(names=("encoder", "decoder")).frozen(ctc)
+    with pytest.raises(ValueError, match="the report ranks 2 layers but the encoder has n_layers=3"):
+        FreezeSpec(blocks={"report": {"units": ["layers.0", "layers.1"], "delta_wer": {"rerand": [0.5, 0.1]}},
+                           "n": 1}).frozen(ctc)
+    with pytest.raises(ValueError, match="unknown freeze key"):
+        FreezeSpec.from_dict({"layers": [0]})
+    with pytest.raises(ValueError, match="give report, n and target"):
+        FreezeSpec(blocks={"n": 2})
+    with pytest.raises(ValueError, match="mlp"):
+        FreezeSpec(modules=("mlp",))
+
+
+@pytest.mark.integration
+def test_partial_variable_training_changes_only_the_trained_tensors(ctc, corpus):
+    from nemo_layerfx.fd import FreezeSpec, freeze_
+    from nemo_layerfx.fl.task import FLConfig, train_submodel
+
+    sub, units = extract(ctc, DropoutPlan.flat(3, 0.5, kinds=ALL), seed=0)
+    spec = FreezeSpec(names=("front_end",), modules=("conv",))
+    trained = freeze_(sub, spec)
+    before = {k: v.clone() for k, v in sub.state_dict().items()}
+    train_submodel(sub, corpus / "train_manifest.json", FLConfig(model="unused.nemo", corpus=str(corpus),
+                                                                 batch_size=4, local_steps=2), seed=0)
+    after = sub.state_dict()
+    frozen = spec.frozen(sub)
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained if k.endswith("weight"))
+    # the server folds back only what clients trained: the update has no frozen tensor, and FedAvg leaves them
+    state = ctc.state_dict()
+    delta = aggregate(state, [({k: after[k] for k in trained}, units, 5.0)], ctc, keys=trained)
+    assert set(delta) == set(trained)
+    new = {k: v.clone() for k, v in state.items()}
+    ServerOptimizer("fedavg").step_(new, delta)
+    assert all(torch.equal(new[k], state[k]) for k in frozen)
+    assert any(not torch.equal(new[k], state[k]) for k in trained)
+    with pytest.raises(ValueError, match="client state lacks"):  # a client that left out a trained tensor
+        aggregate(state, [({k: after[k] for k in trained[1:]}, units, 5.0)], ctc, keys=trained)

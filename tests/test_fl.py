@@ -48,7 +48,7 @@ def fl_command(model: Path, corpus: Path, out: Path, rounds: int, *extra: str) -
     return [sys.executable, "-m", "nemo_layerfx.cli", "fl", "--config-name", "fd_flat", f"model={model}",
             f"corpus={corpus}", f"out={out}", f"rounds={rounds}", "num_clients=2", "local_steps=2", "batch_size=4",
             "dev_max_utterances=6", "plan.rate=0.5", "plan.kinds=[ffn,head,conv]", "server_opt=fedadam",
-            "server_lr=0.01", *extra]
+            "server_lr=0.01", "freeze.names=[front_end]", *extra]  # partial-variable training: subsampling frozen
 
 
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -99,6 +99,12 @@ def test_federated_run_drops_faulty_clients_and_a_killed_run_resumes_to_the_same
     start = restore(global_nemo).state_dict()
     moved = [k for k in start if "encoder.layers" in k and not torch.equal(start[k], final["global"][k])]
     assert moved, "two rounds of federated training left the global encoder unchanged"
+    # partial-variable training: the frozen subsampling never moved nor travelled
+    frozen = [k for k in start if k.startswith("encoder.pre_encode.")]
+    assert frozen and all(torch.equal(start[k], final["global"][k]) for k in frozen)
+    # each way, fewer bytes than the submodel's float32 parameters alone (a whole submodel's record holds more): the
+    # replies were aggregated, so they held exactly the trained tensors the strategy sent
+    assert client["bytes_up"] == client["bytes_down"] < client["params"] * 4
     assert all(torch.equal(trained[k], final["global"][k]) for k in trained)  # global.nemo = last checkpoint
 
     # 2. the same run killed (SIGKILL, whole process group) once round 1 is checkpointed, then resumed

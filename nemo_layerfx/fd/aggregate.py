@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ def expand(delta: dict[str, torch.Tensor], index: dict[str, tuple[int, torch.Ten
 
 
 def aggregate(global_state: dict[str, torch.Tensor], results: list[tuple[dict[str, torch.Tensor], Units, float]],
-              model: nn.Module, rule: str = "zero_fill") -> dict[str, torch.Tensor]:
+              model: nn.Module, rule: str = "zero_fill", keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
     """The averaged full-size update from client submodels.
 
     results: (trained submodel state, its units, weight such as its example count) per client. Each client's delta
@@ -38,12 +39,14 @@ def aggregate(global_state: dict[str, torch.Tensor], results: list[tuple[dict[st
     ``zero_fill`` (Guliani/FP, the default): sum_k w_k * delta_k / sum_k w_k, so coordinates a client did not have
     count as a zero update. ``coverage`` (HeteroFL): each coordinate is divided by the weight of the clients that
     had it (no update where none had it). Both agree when every client had every unit.
+    keys: the tensors clients trained (partial-variable training, ``fd.partial``); the update covers only those.
+    Default: every floating tensor.
     """
     if rule not in RULES:
         raise ValueError(f"unknown aggregation rule {rule!r}; choose zero_fill or coverage")
     if not results:
         raise ValueError("nothing to aggregate: no client results")
-    keys = [k for k, v in global_state.items() if v.is_floating_point()]
+    keys = [k for k, v in global_state.items() if v.is_floating_point()] if keys is None else list(keys)
     shapes = {k: global_state[k].shape for k in keys}
     total = {k: torch.zeros_like(global_state[k]) for k in keys}
     weight = {k: torch.zeros_like(global_state[k]) for k in keys}

@@ -64,22 +64,7 @@ class DropoutPlan:
         report itself: the number of layers it labelled ambient (by its rule, e.g. ``ci``: not significantly worse
         than the baseline), so the plan targets exactly those (Amb) or as many of the most critical (Crit).
         """
-        if target not in ("ambient", "critical"):
-            raise ValueError(f"target must be 'ambient' or 'critical', got {target!r}")
-        r = read_report(report)
-        if mode not in r.get("delta_wer", {}):
-            raise ValueError(f"the report has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
-        layers = block_layers(r, "a dropout plan")
-        delta = r["delta_wer"][mode]
-        if n == "labels":
-            n = len(r.get("ambient", {}).get(mode, []))
-            if n == 0:
-                raise ValueError(f"n='labels': the report labels no layer ambient under {mode!r} (rule "
-                                 f"{r.get('config', {}).get('rule', 'relative')}); give n as a number")
-        if not isinstance(n, int) or not 1 <= n <= len(layers):
-            raise ValueError(f"n={n}: the report ranks {len(layers)} layers; choose 1..{len(layers)}")
-        order = sorted(range(len(delta)), key=lambda k: (delta[k], k), reverse=target == "critical")
-        chosen = {layers[k] for k in order[:n]}
+        chosen, n, layers = _targeted(report, n, target, mode, "a dropout plan")
         per_layer = [rate if i in chosen else base_rate for i in range(len(layers))]
         label = f"{'Amb' if target == 'ambient' else 'Crit'}-{n} {rate:.0%}"
         label += f" | flat {base_rate:.0%}" if base_rate else ""
@@ -105,6 +90,32 @@ class DropoutPlan:
     @classmethod
     def from_dict(cls, d: dict) -> DropoutPlan:
         return cls(rates=d["rates"], mapping=d.get("mapping", "pcpr"), label=d.get("label", ""))
+
+
+def targeted_layers(report: Any, n: int | str, target: str = "ambient", mode: str = "rerand",
+                    needed_by: str = "a dropout plan") -> set[int]:
+    """The n most ambient (smallest WER change under ``mode``) or most critical layers of a block-level probe
+    report; ``n="labels"``: as many as the report labelled ambient."""
+    return _targeted(report, n, target, mode, needed_by)[0]
+
+
+def _targeted(report: Any, n: int | str, target: str, mode: str, needed_by: str) -> tuple[set[int], int, list[int]]:
+    if target not in ("ambient", "critical"):
+        raise ValueError(f"target must be 'ambient' or 'critical', got {target!r}")
+    r = read_report(report)
+    if mode not in r.get("delta_wer", {}):
+        raise ValueError(f"the report has no {mode!r} results (it has {sorted(r.get('delta_wer', {}))})")
+    layers = block_layers(r, needed_by)
+    delta = r["delta_wer"][mode]
+    if n == "labels":
+        n = len(r.get("ambient", {}).get(mode, []))
+        if n == 0:
+            raise ValueError(f"n='labels': the report labels no layer ambient under {mode!r} (rule "
+                             f"{r.get('config', {}).get('rule', 'relative')}); give n as a number")
+    if not isinstance(n, int) or not 1 <= n <= len(layers):
+        raise ValueError(f"n={n}: the report ranks {len(layers)} layers; choose 1..{len(layers)}")
+    order = sorted(range(len(delta)), key=lambda k: (delta[k], k), reverse=target == "critical")
+    return {layers[k] for k in order[:n]}, n, layers
 
 
 def check_rate(rate: float, what: str = "rate") -> None:

@@ -13,7 +13,7 @@ import sys
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from nemo_layerfx.fd import DropoutPlan, extract
+from nemo_layerfx.fd import DropoutPlan, FreezeSpec, extract, freeze_
 from nemo_layerfx.fl.runtime import watch_parents
 from nemo_layerfx.surgery import units_from_lists
 from nemo_layerfx.fl.task import FLConfig, base_model, client_manifests, train_submodel
@@ -30,10 +30,19 @@ def client_train(msg: Message, context: Context, c: FLConfig) -> Message:
     base = base_model(c.model)
     sub, _ = extract(base, DropoutPlan.from_dict(json.loads(conf["plan"])),
                      units=units_from_lists(json.loads(conf["units"])))
-    sub.load_state_dict(msg.content["arrays"].to_torch_state_dict(), strict=True)
+    received = msg.content["arrays"].to_torch_state_dict()
+    spec = FreezeSpec.from_dict(c.freeze)
+    if spec:  # partial-variable training: the frozen tensors are the global .nemo's, never sent
+        trained = freeze_(sub, spec)
+        if set(received) != set(trained):
+            raise ValueError(f"the server sent {len(received)} tensors, this client trains {len(trained)} under "
+                             f"freeze={c.freeze}")
+    sub.load_state_dict(received, strict=not spec)
     manifest = client_manifests(c)[pid]
     n, loss = train_submodel(sub, manifest, c, seed=int(conf["seed"]) * 7919 + rnd * 131 + pid, full=base)
-    return Message(RecordDict({"arrays": ArrayRecord(sub.state_dict()), "metrics": MetricRecord(
+    state = sub.state_dict()
+    reply = {k: state[k] for k in trained} if spec else state  # only what it trained
+    return Message(RecordDict({"arrays": ArrayRecord(reply), "metrics": MetricRecord(
         {"num-examples": n, "train-loss": loss})}), reply_to=msg)
 
 

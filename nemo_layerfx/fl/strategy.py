@@ -20,7 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from nemo_layerfx.fd import ServerOptimizer, aggregate, choose_units, plan_param_count, unit_seed
+from nemo_layerfx.fd import (FreezeSpec, ServerOptimizer, aggregate, choose_units, plan_param_count, trained_names,
+                             unit_seed)
 from nemo_layerfx.surgery import slice_state, tensor_index, units_to_lists
 from nemo_layerfx.evaluate import evaluate_wer
 from nemo_layerfx.fl.task import FLConfig, base_model, load_checkpoint, log, make_plan, save_checkpoint
@@ -38,6 +39,8 @@ class FedDropout(FedAvg):
         self.plan = make_plan(cfg, len(self.model.encoder.layers))
         self.plan.check(self.model)
         self.server_opt = ServerOptimizer(cfg.server_opt, lr=cfg.server_lr)
+        spec = FreezeSpec.from_dict(cfg.freeze)  # partial-variable training: only these tensors travel and change
+        self.trained = set(trained_names(self.model, spec)) if spec else None
         self.done, self.history = 0, []
         state = load_checkpoint(self.out, cfg)
         if state is not None:
@@ -72,7 +75,8 @@ class FedDropout(FedAvg):
                 continue
             client = self.partition[node]
             units = choose_units(self.model, self.plan, unit_seed(self.cfg.seed, rnd, client, self.plan.mapping))
-            sub_state = {k: v.contiguous() for k, v in slice_state(state, tensor_index(self.model, units)).items()}
+            sub_state = {k: v.contiguous() for k, v in slice_state(state, tensor_index(self.model, units)).items()
+                         if self.trained is None or k in self.trained}
             payload = ArrayRecord(sub_state)
             self._sent[node] = {"units": units, "bytes": payload.count_bytes(), "shapes": {k: v.shape for k, v in
                                                                                          sub_state.items()},
@@ -102,7 +106,8 @@ class FedDropout(FedAvg):
                             "bytes_up": msg.content["arrays"].count_bytes(),
                             "train_loss": float(msg.content["metrics"].get("train-loss", float("nan")))})
         if results:
-            delta = aggregate(self.model.state_dict(), results, self.model, rule=self.cfg.rule)
+            delta = aggregate(self.model.state_dict(), results, self.model, rule=self.cfg.rule,
+                              keys=None if self.trained is None else sorted(self.trained))
             new_state = self.model.state_dict()
             self.server_opt.step_(new_state, delta)
             self.model.load_state_dict(new_state)

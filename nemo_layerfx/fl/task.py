@@ -33,6 +33,11 @@ class FLConfig:
         targeted layers, or every layer for flat), ``base_rate`` (all other layers), ``n`` (targeted layers),
         ``kinds`` (ffn, head, conv), ``report`` (a block-level probe.json, for ambient / critical), ``rates``
         (explicit: kind -> per-layer rates).
+    freeze: partial-variable training (``nemo_layerfx.fd.FreezeSpec``): what clients keep frozen, by parameter-name
+        prefix or ``front_end`` (``names``), by layer sub-module (``modules``: ffn1, attn, conv, ffn2, ffn) or by
+        a probe report (``blocks``: report, n, target ambient / critical). Only the trained tensors of each
+        submodel are sent and returned; clients take the frozen ones from their copy of ``model``. Empty: train
+        everything (and send every tensor, as plain federated dropout does).
     micro_batch_size: the most utterances one forward/backward pass may hold *with the full model* (what the
         client devices' memory allows); None: a local step of ``batch_size`` utterances is one pass. When set, a
         local step is taken as accumulated passes, which compute the same gradient (the encoder ignores padding),
@@ -53,6 +58,7 @@ class FLConfig:
     client_lr: float = 0.05  # client SGD (Guliani: SGD on clients, Adam on the server)
     clip_grad: float | None = 1.0  # clients clip the gradient norm (CTC/RNNT losses are sums over frames)
     plan: dict[str, Any] = field(default_factory=lambda: {"type": "flat", "rate": 0.0, "kinds": ["ffn"]})
+    freeze: dict[str, Any] = field(default_factory=dict)  # partial-variable training: what clients keep frozen
     mapping: str = "pcpr"  # pcpr: units per client per round; pr: per round
     rule: str = "zero_fill"  # zero_fill (Guliani/FP) or coverage (HeteroFL)
     server_opt: str = "fedavg"  # fedavg or fedadam
@@ -97,7 +103,7 @@ class FLConfig:
                                  f"{' '.join(m + '=...' for m in missing)})")
             d = OmegaConf.to_container(d, resolve=True)
         d = {k.replace("-", "_"): v for k, v in dict(d).items()}
-        for k in ("plan", "client_options"):
+        for k in ("plan", "freeze", "client_options"):
             if isinstance(d.get(k), str):  # Flower run configs are flat: nested values travel as JSON
                 d[k] = json.loads(d[k])
         known = set(cls.__dataclass_fields__)
@@ -148,7 +154,7 @@ def make_plan(cfg: FLConfig, n_layers: int) -> DropoutPlan:
 def check_run(cfg: FLConfig) -> int:
     """Every input of a run checked before any round starts: model, plan (and its report), corpus, rule, optimizer;
     returns the number of clients."""
-    from nemo_layerfx.fd import RULES, ServerOptimizer, choose_units
+    from nemo_layerfx.fd import RULES, FreezeSpec, ServerOptimizer, choose_units, trained_names
     from nemo_layerfx.models import conformer_encoder
 
     if not Path(cfg.model).is_file():
@@ -156,6 +162,7 @@ def check_run(cfg: FLConfig) -> int:
     model = base_model(cfg.model)
     plan = make_plan(cfg, len(conformer_encoder(model).layers))
     choose_units(model, plan, cfg.seed)  # the plan fits the model and its encoder can be sliced
+    trained_names(model, FreezeSpec.from_dict(cfg.freeze))  # the freeze spec names parts of this model
     clients = client_manifests(cfg)
     if not (Path(cfg.corpus) / "dev_manifest.json").is_file():
         raise FileNotFoundError(f"no dev manifest in {cfg.corpus} (the global model is scored on it)")
@@ -267,8 +274,8 @@ def load_checkpoint(out: Path, cfg: FLConfig) -> dict[str, Any] | None:
         raise ValueError(f"federated checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to start "
                          f"over, or restore a backup") from e
     saved = state.get("config", {})
-    for key in ("model", "plan", "mapping", "rule", "server_opt", "seed", "num_clients", "local_steps"):
-        if saved.get(key) != asdict(cfg).get(key):
+    for key in ("model", "plan", "freeze", "mapping", "rule", "server_opt", "seed", "num_clients", "local_steps"):
+        if saved.get(key, {} if key == "freeze" else None) != asdict(cfg).get(key):  # runs before freeze existed
             raise ValueError(f"{path} belongs to a run with {key}={saved.get(key)!r}, this run has "
                              f"{key}={asdict(cfg).get(key)!r}; use another out folder or resume=false")
     return state
