@@ -34,20 +34,22 @@ from nemo.utils import logging
 
 from common import ctc_step, length_batches, machine, median_ratio, time_interleaved, training_memory
 from nemo_layerfx.evaluate import targets_of
-from nemo_layerfx.fd import DropoutPlan, extract
-from nemo_layerfx.models import count_params
+from nemo_layerfx.fd import DropoutPlan, FreezeSpec, extract, freeze_
+from nemo_layerfx.models import clone_model, count_params
 from nemo_layerfx.train import compose_config
 
-TARGETS = {"params": 0.52, "bytes": 0.52, "step_time": 0.55}
+TARGETS = {"params": 0.52, "bytes": 0.52, "step_time": 0.55, "step_time_front_frozen": 0.50}
 
 
-def payload_bytes(model) -> int:
+def payload_bytes(model, names: list[str] | None = None) -> int:
+    """Bytes of the ArrayRecord carrying ``model``'s tensors (only ``names``: partial-variable training)."""
+    state = {k: v for k, v in model.state_dict().items() if names is None or k in names}
     try:
         from flwr.app import ArrayRecord
 
-        return ArrayRecord(model.state_dict()).count_bytes()
+        return ArrayRecord(state).count_bytes()
     except ImportError:  # same tensors, without Flower's small per-array header
-        return sum(v.numel() * v.element_size() for v in model.state_dict().values())
+        return sum(v.numel() * v.element_size() for v in state.values())
 
 
 FLOOR_RATE = 0.95  # the floor model keeps 5 % of every layer's FFN units, heads and conv groups
@@ -99,6 +101,8 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=0.5, help="dropout rate on every layer and unit kind")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--ambient-report", help="a block probe report of a trained model of this depth: adds the "
+                                            "submodel with the front end and its 2 most ambient blocks frozen")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     logging.setLevel(logging.ERROR)
@@ -113,13 +117,23 @@ def main() -> None:
     sub, _ = extract(full, plan, seed=0)
     # what no dropout rate removes: the front end, norms, residual stream, loss, per-operator cost (keep 5 %)
     floor, _ = extract(full, DropoutPlan.flat(args.layers, FLOOR_RATE, kinds=("ffn", "head", "conv")), seed=0)
+    # partial-variable training (FLConfig.freeze): the same submodel with the front end frozen, and with the 2 most
+    # ambient blocks frozen too (given a report); they send and return only what they train
+    frozen = {"sub_front": FreezeSpec(names=("front_end",))}
+    if args.ambient_report:
+        frozen["sub_front_amb2"] = FreezeSpec(names=("front_end",),
+                                              blocks={"report": args.ambient_report, "n": 2, "target": "ambient"})
+    variants = {name: clone_model(sub) for name in frozen}
+    trained = {name: freeze_(variants[name], spec) for name, spec in frozen.items()}
     batches, tmp = length_batches(args.corpus, args.sentences, args.batch, args.joined_seconds)
     doubled, _ = length_batches(args.corpus, tmp.name if tmp else args.sentences, 2 * args.batch, args.joined_seconds)
     settings, memory = {}, {}
     for name, (audio, lengths, texts) in batches.items():
         times = time_interleaved({"full": ctc_step(full, audio, lengths, texts),
                                   "sub": ctc_step(sub, audio, lengths, texts),
-                                  "floor": ctc_step(floor, audio, lengths, texts)}, args.rounds)
+                                  "floor": ctc_step(floor, audio, lengths, texts),
+                                  **{k: ctc_step(m, audio, lengths, texts) for k, m in variants.items()}},
+                                 args.rounds)
         floor_ratio = median_ratio(times["floor"], times["full"])
         a2, l2, t2 = doubled[name]
         half = int(l2[: args.batch].max())  # the full model's first pass, padded as ctc_step's passes pad it
@@ -134,6 +148,10 @@ def main() -> None:
             "mean_seconds": round(float(lengths.float().mean()) / 16000, 2),
             "step_s": times, "median_s": {k: statistics.median(v) for k, v in times.items()},
             "ratio": median_ratio(times["sub"], times["full"]),
+            "frozen": {k: {"ratio": median_ratio(times[k], times["full"]),
+                           "memory_ratio": (training_memory(m, audio, lengths, texts, adam=False)["total"]
+                                            / training_memory(full, audio, lengths, texts, adam=False)["total"])}
+                       for k, m in variants.items()},
             "floor_ratio": floor_ratio, "linear_estimate": linear_estimate(floor_ratio, args.rate),
             "equal_memory": {"step_s": times2, "ratio": median_ratio(times2["sub"], times2["full"]),
                              "sub_passes": sub_passes,
@@ -146,12 +164,15 @@ def main() -> None:
     if tmp is not None:
         tmp.cleanup()
     params = {"full": count_params(full), "sub": count_params(sub)}
-    sizes = {"full": payload_bytes(full), "sub": payload_bytes(sub)}
+    sizes = {"full": payload_bytes(full), "sub": payload_bytes(sub),
+             **{k: payload_bytes(m, trained[k]) for k, m in variants.items()}}
     enc = {k: count_params(m.encoder.layers) for k, m in (("full", full), ("sub", sub))}
     ratio = {"params": params["sub"] / params["full"], "bytes": sizes["sub"] / sizes["full"],
              "encoder_layer_params": enc["sub"] / enc["full"]}
     met = {"params": ratio["params"] <= TARGETS["params"], "bytes": ratio["bytes"] <= TARGETS["bytes"],
-           **{f"step_time ({k})": v["ratio"] <= TARGETS["step_time"] for k, v in settings.items()}}
+           **{f"step_time ({k})": v["ratio"] <= TARGETS["step_time"] for k, v in settings.items()},
+           **{f"step_time, front end frozen ({k})": v["frozen"]["sub_front"]["ratio"]
+              <= TARGETS["step_time_front_frozen"] for k, v in settings.items()}}
     result = {
         "benchmark": f"federated-dropout client at rate {args.rate} on FFN units, heads and conv groups vs full model",
         **machine(), "config": vars(args), "params": params, "payload_bytes": sizes, "ratios": ratio,
@@ -174,6 +195,23 @@ def main() -> None:
     for k, v in settings.items():
         lines.append(f"| step time (median s), {k}, mean {v['mean_seconds']:.1f} s | {v['median_s']['full']:.3f} | "
                      f"{v['median_s']['sub']:.3f} | {v['ratio']:.3f} | <= {t} |")
+    lines += ["", "## Partial-variable training: the submodel with parts frozen", "",
+              "The same submodel with the front end (`encoder.pre_encode`) frozen"
+              + (", and with the front end and the report's 2 most ambient blocks frozen" if args.ambient_report
+                 else " (the frozen-ambient variant needs `--ambient-report`, a probe report of a trained model of "
+                      "this depth; not run)")
+              + ": it trains, sends and returns only the rest (`FLConfig.freeze`). Step time and training memory "
+              f"(SGD: parameters, gradients, tensors saved for backward) on the same batch, relative to the full "
+              f"model's; bytes: the payload each way.", "",
+              "| variant | payload bytes (ratio) | " + " | ".join(f"step, {k}" for k in settings) + " | "
+              + " | ".join(f"memory, {k}" for k in settings) + " |",
+              "|---|---|" + "---|" * (2 * len(settings))]
+    for name in variants:
+        lines.append(f"| {name} | {sizes[name]:,} ({sizes[name] / sizes['full']:.3f}) | "
+                     + " | ".join(f"{v['frozen'][name]['ratio']:.3f}" for v in settings.values()) + " | "
+                     + " | ".join(f"{v['frozen'][name]['memory_ratio']:.3f}" for v in settings.values()) + " |")
+    lines.append(f"\nTarget: a step with the front end frozen <= {TARGETS['step_time_front_frozen']} of the full "
+                 "model's at every length.")
     lines += ["", f"Encoder-layer parameters alone: {ratio['encoder_layer_params']:.3f} of the full model's (the "
               f"subsampling front end, norms and decoder keep their size). Targets met: "
               + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in met.items()) + ".", "",

@@ -318,6 +318,10 @@ def test_bad_federated_inputs_fail_before_any_round(global_nemo, corpus, tmp_pat
         client_app_for(FLConfig(**base, client_app="no_such_module:app"))
     with pytest.raises(ValueError, match=r"micro_batch_size=3 must divide batch_size=8 .*one of \[1, 2, 4, 8\]"):
         FLConfig(**base, micro_batch_size=3)
+    with pytest.raises(ValueError, match="unknown freeze key"):
+        FLConfig(**base, freeze={"layers": [0]})
+    with pytest.raises(ValueError, match="no parameter of the model starts with 'encoder.nope.'"):
+        check_run(FLConfig(**base, freeze={"names": ["encoder.nope"]}))
     with pytest.raises(ValueError, match="unknown aggregation rule 'median'"):
         check_run(FLConfig(**base, rule="median"))
     bn = tiny_cfg("conformer_gn_tiny", "model.encoder._target_=nemo.collections.asr.modules.ConformerEncoder",

@@ -41,7 +41,7 @@ class FreezeSpec:
     blocks: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.names, self.modules = tuple(self.names), tuple(self.modules)
+        self.names, self.modules, self.blocks = tuple(self.names), tuple(self.modules), dict(self.blocks or {})
         for word in self.modules:
             if any(m not in MODULES for m in resolve(word)):
                 raise ValueError(f"freeze.modules: unknown module {word!r}; choose from ffn, att, "

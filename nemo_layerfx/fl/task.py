@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nemo_layerfx.fd import DropoutPlan
+from nemo_layerfx.fd import DropoutPlan, FreezeSpec
 
 log = logging.getLogger("nemo_layerfx.fl")
 
@@ -85,6 +85,8 @@ class FLConfig:
             raise ValueError(f"client_cpus={self.client_cpus!r}: Flower's simulation runtime gives each client a whole "
                              f"number of CPU cores (>= 1)")
         self.client_cpus = int(self.client_cpus)
+        spec = FreezeSpec.from_dict(self.freeze)  # one spelling of "nothing frozen", so resumed runs compare equal
+        self.freeze = spec.to_dict() if spec else {}
         if self.client_lr <= 0:
             raise ValueError(f"client_lr must be > 0, got {self.client_lr}")
         if self.client_app and (self.client_app.count(":") != 1 or not all(self.client_app.split(":"))):
