@@ -206,10 +206,10 @@ def main() -> None:
               "| variant | payload bytes (ratio) | " + " | ".join(f"step, {k}" for k in settings) + " | "
               + " | ".join(f"memory, {k}" for k in settings) + " |",
               "|---|---|" + "---|" * (2 * len(settings))]
-    for name in variants:
-        lines.append(f"| {name} | {sizes[name]:,} ({sizes[name] / sizes['full']:.3f}) | "
-                     + " | ".join(f"{v['frozen'][name]['ratio']:.3f}" for v in settings.values()) + " | "
-                     + " | ".join(f"{v['frozen'][name]['memory_ratio']:.3f}" for v in settings.values()) + " |")
+    for variant in variants:
+        lines.append(f"| {variant} | {sizes[variant]:,} ({sizes[variant] / sizes['full']:.3f}) | "
+                     + " | ".join(f"{v['frozen'][variant]['ratio']:.3f}" for v in settings.values()) + " | "
+                     + " | ".join(f"{v['frozen'][variant]['memory_ratio']:.3f}" for v in settings.values()) + " |")
     lines.append(f"\nTarget: a step with the front end frozen <= {TARGETS['step_time_front_frozen']} of the full "
                  "model's at every length.")
     lines += ["", f"Encoder-layer parameters alone: {ratio['encoder_layer_params']:.3f} of the full model's (the "
