@@ -201,8 +201,8 @@ def main() -> None:
                  else " (the frozen-ambient variant needs `--ambient-report`, a probe report of a trained model of "
                       "this depth; not run)")
               + ": it trains, sends and returns only the rest (`FLConfig.freeze`). Step time and training memory "
-              f"(SGD: parameters, gradients, tensors saved for backward) on the same batch, relative to the full "
-              f"model's; bytes: the payload each way.", "",
+              "(SGD: parameters, gradients, tensors saved for backward) on the same batch, relative to the full "
+              "model's; bytes: the payload each way.", "",
               "| variant | payload bytes (ratio) | " + " | ".join(f"step, {k}" for k in settings) + " | "
               + " | ".join(f"memory, {k}" for k in settings) + " |",
               "|---|---|" + "---|" * (2 * len(settings))]
