@@ -24,7 +24,8 @@ from nemo_layerfx.fd import (FreezeSpec, ServerOptimizer, aggregate, choose_unit
                              unit_seed)
 from nemo_layerfx.surgery import slice_state, tensor_index, units_to_lists
 from nemo_layerfx.evaluate import evaluate_wer
-from nemo_layerfx.fl.task import FLConfig, base_model, load_checkpoint, log, make_plan, save_checkpoint
+from nemo_layerfx.fl.task import (FLConfig, base_model, client_manifests, load_checkpoint, log, make_plan,
+                                  save_checkpoint)
 
 
 class FedDropout(FedAvg):
@@ -54,9 +55,19 @@ class FedDropout(FedAvg):
         self._sent: dict[int, dict] = {}
 
     # --- Flower hooks ----------------------------------------------------------------------------------------------
-    def learn_partitions(self, grid: Grid) -> None:
-        """Ask every node its partition id (one query round trip), so unit seeds and reply order follow clients."""
-        nodes = sorted(grid.get_node_ids())
+    def learn_partitions(self, grid: Grid, wait_s: float = 600) -> None:
+        """Wait until one node per client is connected (a deployment's SuperNodes may still be starting), then ask
+        every node its partition id (one query round trip), so unit seeds and reply order follow clients."""
+        expected, deadline, said = len(client_manifests(self.cfg)), time.monotonic() + wait_s, 0.0
+        while len(nodes := list(grid.get_node_ids())) < expected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(nodes)} of {expected} SuperNodes connected after {wait_s:.0f} s (one per "
+                                   f"client manifest); start the others, or set num_clients")
+            if time.monotonic() - said > 30:
+                log.warning("waiting for SuperNodes: %d of %d connected", len(nodes), expected)
+                said = time.monotonic()
+            time.sleep(1)
+        nodes = sorted(nodes)
         queries = [Message(RecordDict({"config": ConfigRecord({"ask": "partition-id"})}), dst_node_id=n,
                            message_type=MessageType.QUERY) for n in nodes]
         for reply in grid.send_and_receive(queries, timeout=600):
