@@ -183,6 +183,8 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", ENV["PYTHONPATH"])  # the ClientApp processes import tests.fl_faults
+    monkeypatch.setenv("FLWR_LOG_LEVEL", "INFO")  # the SuperNodes log each message they get (a quieted test may
+    # have left WARNING in this process's environment)
     d = Deployment(tmp_path / "deployment", 2)
     yield d
     d.stop()
